@@ -1,0 +1,119 @@
+"""Hugging Face folders: config.json, safetensors (single file or sharded), atomic writes.
+
+Only safetensors are read; pickled checkpoints (pytorch_model.bin) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from vlmlab.errors import CheckpointError, ConfigError
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
+    """Read a JSON object; a missing or malformed file raises naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    return read_json(Path(folder) / "config.json", "config.json")
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def read_safetensors(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a folder's model.safetensors (or its shards) and the file each came from."""
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        index = read_json(folder / INDEX, "safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{folder / INDEX}: has no 'weight_map' object")
+        tensors: dict[str, torch.Tensor] = {}
+        origin: dict[str, str] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = folder / shard
+            if not path.is_file():
+                raise CheckpointError(f"{folder / INDEX}: shard file {shard} is missing")
+            for name, t in _read_file(path).items():
+                tensors[name] = t
+                origin[name] = str(path)
+        listed_missing = set(weight_map) - set(tensors)
+        if listed_missing:
+            name = sorted(listed_missing)[0]
+            raise CheckpointError(f"{folder / weight_map[name]}: tensor '{name}' listed in the index is missing")
+        return tensors, origin
+    path = folder / SINGLE
+    if not path.is_file():
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise CheckpointError(
+                f"{folder}: only pickled weights (.bin/.pt) found; vlmlab reads safetensors only "
+                "(convert them with a trusted tool first)"
+            )
+        raise CheckpointError(f"{folder}: no {SINGLE} or {INDEX}")
+    tensors = _read_file(path)
+    return tensors, {name: str(path) for name in tensors}
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write a file so that readers see either the old or the complete new content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Save tensors (made contiguous, shared storage broken) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,150 @@
+"""Multi-head attention on `F.scaled_dot_product_attention`: grouped-query heads, self- and
+cross-attention, causal / bidirectional / custom masks, and a preallocated KV cache.
+
+Masks follow SDPA's convention: a boolean mask is True where a query may attend to a key; a
+float mask is added to the scores. Shapes broadcast to (batch, heads, q_len, kv_len).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmlab.errors import PromptTooLongError
+from vlmlab.nn.rope import apply_rotary
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to `capacity` positions.
+
+    Buffers are (batch, kv_heads, capacity, head_dim), allocated on a layer's first update in the
+    dtype/device of its keys. `length` counts positions written; the model advances it once per
+    forward after all layers have written, so every layer sees the same offset.
+    """
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k, v (batch, kv_heads, n, head_dim); return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise PromptTooLongError(
+                f"KV cache holds {self.capacity} positions but {end} were needed; "
+                "ask for fewer new tokens or a shorter prompt"
+            )
+        if self.keys[layer] is None:
+            b, h, _, d = k.shape
+            self.keys[layer] = k.new_empty(b, h, self.capacity, d)
+            self.values[layer] = v.new_empty(b, h, self.capacity, v.shape[-1])
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def attention_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool = True,
+    padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor | None, bool]:
+    """Build the SDPA mask for queries that are the last `q_len` of `kv_len` positions.
+
+    padding_mask: (batch, kv_len), True/1 for real tokens, False/0 for padding.
+    Returns (mask, is_causal): mask is None when SDPA's own `is_causal` flag (or no mask at all)
+    expresses the pattern, which lets SDPA pick its fastest kernel.
+    """
+    if padding_mask is None and sliding_window is None:
+        if not causal or q_len == 1:
+            return None, False
+        if q_len == kv_len:
+            return None, True
+    if padding_mask is not None:
+        device = padding_mask.device
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = k_pos <= q_pos if causal else torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if sliding_window is not None:
+        mask = mask & (q_pos - k_pos < sliding_window)
+    mask = mask[None, None]
+    if padding_mask is not None:
+        mask = mask & padding_mask.bool()[:, None, None, :]
+        # A padded query may have no key to attend to; let it attend to all keys so SDPA does not
+        # produce NaNs. Its output is never used.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask, False
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads (num_kv_heads divides num_heads).
+
+    Self-attention by default; pass `context` for cross-attention (keys/values from `context`,
+    whose width is `kv_dim`). Projections are named q_proj/k_proj/v_proj/o_proj.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        kv_dim: int | None = None,
+        scale: float | None = None,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        self.head_dim = head_dim or dim // num_heads
+        self.scale = scale if scale is not None else self.head_dim**-0.5
+        kv_dim = kv_dim or dim
+        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(kv_dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(kv_dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        context: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        src = x if context is None else context
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(src).view(b, src.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(src).view(b, src.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal and mask is None,
+            scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
