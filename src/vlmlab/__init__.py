@@ -1,0 +1,8 @@
+"""vlmlab: vision-language models in pure PyTorch -- library, CLI and server."""
+
+__version__ = "0.1.0"
+
+from vlmlab import errors  # noqa: E402
+from vlmlab.api import load  # noqa: E402
+
+__all__ = ["load", "errors", "__version__"]

@@ -273,6 +273,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
+    @classmethod
+    def without_weights(cls, cfg: LlamaConfig) -> "LlamaForCausalLM":
+        """Build with parameters on the meta device (no memory, no random init); loading assigns
+        the checkpoint's tensors. Only the RoPE tables, which are computed, are made for real."""
+        with torch.device("meta"):
+            net = cls(cfg)
+        net.model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        return net
+
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -333,7 +342,7 @@ class LlamaForCausalLM(nn.Module):
 def unpermute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs back to rotate-half halves)."""
     rows = w.shape[0]
-    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 # Current HF layout = our parameter names. Legacy checkpoints (transformers < 4.31) also stored

@@ -1,0 +1,77 @@
+"""`vlmlab.load(name_or_path)`: the one entry point the CLI and server use to get a model.
+
+A name resolves to a local path (`checkpoints.resolve`); the path's format (GGUF file or HF
+folder) and its architecture pick the family that builds the network (`ARCHITECTURES`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlmlab.checkpoints.gguf import read_gguf
+from vlmlab.checkpoints.hf import read_config, read_safetensors
+from vlmlab.checkpoints.resolve import resolve
+from vlmlab.errors import ConfigError, ModelNotFoundError, UnknownArchitectureError
+from vlmlab.infer.lm import LanguageModel
+from vlmlab.text import llama
+from vlmlab.text.tokenizer import Tokenizer
+
+# HF `architectures` value -> family module providing its config and network.
+ARCHITECTURES = {name: llama for name in llama.HF_ARCHITECTURES}
+GGUF_ARCHITECTURES = {name: llama for name in llama.GGUF_ARCHITECTURES}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}") from None
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> LanguageModel:
+    g = read_gguf(path)
+    family = GGUF_ARCHITECTURES.get(g.architecture)
+    if family is None:
+        raise UnknownArchitectureError(
+            f"{path}: GGUF architecture {g.architecture!r} is not supported "
+            f"(supported: {', '.join(sorted(GGUF_ARCHITECTURES))})"
+        )
+    cfg = family.LlamaConfig.from_gguf(g)
+    net = family.LlamaForCausalLM.without_weights(cfg)
+    net.load_gguf_tensors(g, dtype)
+    return LanguageModel(net, Tokenizer.from_gguf(g), name=path.name)
+
+
+def _load_hf(folder: Path, dtype: torch.dtype) -> LanguageModel:
+    config = read_config(folder)
+    archs = config.get("architectures") or []
+    family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if family is None:
+        raise UnknownArchitectureError(
+            f"{folder / 'config.json'}: architecture {', '.join(archs) or '(none given)'} is not supported "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    cfg = family.LlamaConfig.from_hf(config)
+    tensors, origin = read_safetensors(folder)
+    net = family.LlamaForCausalLM.without_weights(cfg)
+    net.load_hf_tensors(tensors, origin, dtype)
+    return LanguageModel(net, Tokenizer.from_folder(folder), name=folder.name)
+
+
+def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None) -> LanguageModel:
+    """Load a model by built-in name (`smollm2`), HF folder or .gguf file, fully offline."""
+    path = resolve(str(name_or_path))
+    torch_dtype = parse_dtype(dtype)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"{path}: a model file must be .gguf (or pass an HF folder)")
+        return _load_gguf(path, torch_dtype)
+    return _load_hf(path, torch_dtype)

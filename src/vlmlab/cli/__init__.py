@@ -1,0 +1,1 @@
+"""The `vlmlab` command line: thin wrappers over the public API (`vlmlab.load`)."""

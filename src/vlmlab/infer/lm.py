@@ -1,0 +1,181 @@
+"""`LanguageModel`: a decoder network plus its tokenizer and chat template, ready to generate.
+
+This is what `vlmlab.load` returns for a text-only model and what the CLI and server call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from vlmlab.checkpoints.hf import write_json, write_safetensors
+from vlmlab.errors import InputError
+from vlmlab.infer.generate import GenerationConfig, TextStream, generate_tokens
+
+# End-of-turn markers of common chat templates; generation in chat mode stops on any present.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's answer. `token_ids` are the new tokens (without the stop token).
+
+    tokens_per_s is the decode rate after the first token: (n - 1) / (t_last - t_first).
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    time_to_first_token_s: float
+    tokens_per_s: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class LanguageModel:
+    """A Llama-family decoder with its tokenizer: `generate`, `stream`, `chat`, `save`."""
+
+    kind = "language-model"
+
+    def __init__(self, net: torch.nn.Module, tokenizer, name: str = "model"):
+        self.net = net.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "LanguageModel":
+        self.net.to(device=device, dtype=dtype)
+        return self
+
+    # ---- prompts -------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str | list[dict], *, system: str | None = None, chat: bool = True) -> list[int]:
+        """Token ids of a prompt: a string (wrapped in the chat template unless chat=False) or messages."""
+        if isinstance(prompt, list):
+            messages = prompt
+        elif not chat:
+            if system is not None:
+                raise InputError("--system needs chat mode (a system message is part of the chat template)")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+                {"role": "user", "content": prompt}
+            ]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stop_token_ids(self, chat: bool) -> list[int]:
+        ids: set[int] = set()
+        eos = self.net.cfg.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        if chat:
+            ids.update(i for t in END_OF_TURN if (i := self.tokenizer.token_to_id(t)) is not None)
+        return sorted(ids)
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def _config(self, chat: bool, stop: Sequence[str] | None, kwargs: dict) -> GenerationConfig:
+        stop_ids = kwargs.pop("stop_token_ids", None)
+        cfg = GenerationConfig(
+            stop_token_ids=self.stop_token_ids(chat) if stop_ids is None else stop_ids,
+            stop_strings=tuple(stop or ()),
+            **kwargs,
+        )
+        cfg.validate()
+        return cfg
+
+    def _run(self, prompts: list, *, system, chat, stop, kwargs) -> Iterator[tuple[int, str] | list[GenerationResult]]:
+        """Yield (row, text delta) as text appears, then the list of results."""
+        start = time.perf_counter()
+        cfg = self._config(chat, stop, dict(kwargs))
+        ids = [self.prompt_ids(p, system=system, chat=chat) for p in prompts]
+        streams = [TextStream(self.tokenizer, cfg.stop_strings) for _ in prompts]
+        new: list[list[int]] = [[] for _ in prompts]
+        reasons = ["length"] * len(prompts)
+        done = [False] * len(prompts)
+        first = last = None
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for step in generate_tokens(self.net, ids, cfg, pad_id=pad, done=done):
+            last = time.perf_counter()
+            first = first or last
+            for row, tok in enumerate(step):
+                if tok is None:
+                    continue
+                if tok in cfg.stop_token_ids:
+                    reasons[row] = "stop"
+                    continue
+                new[row].append(tok)
+                delta = streams[row].push(tok)
+                if streams[row].stopped:
+                    done[row], reasons[row] = True, "stop"
+                if delta:
+                    yield row, delta
+        for row, s in enumerate(streams):
+            if tail := s.flush():
+                yield row, tail
+        ttft = (first or time.perf_counter()) - start
+        results = []
+        for row, toks in enumerate(new):
+            n = len(toks) + (reasons[row] == "stop" and not streams[row].stopped)
+            rate = (n - 1) / (last - first) if n > 1 and last > first else 0.0
+            results.append(GenerationResult(streams[row].text, toks, len(ids[row]), reasons[row], ttft, rate))
+        yield results
+
+    def generate(
+        self,
+        prompt: str | list[dict] | list[str],
+        *,
+        system: str | None = None,
+        chat: bool = True,
+        stop: Sequence[str] | None = None,
+        **kwargs,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Answer a prompt (a string, or chat messages), or a batch of prompt strings.
+
+        kwargs are `GenerationConfig` fields: max_new_tokens, temperature, top_k, top_p,
+        repetition_penalty, seed, stop_token_ids.
+        """
+        batch = isinstance(prompt, list) and all(isinstance(p, str) for p in prompt) and prompt
+        prompts = list(prompt) if batch else [prompt]
+        *_, results = self._run(prompts, system=system, chat=chat, stop=stop, kwargs=kwargs)
+        return results if batch else results[0]
+
+    def stream(
+        self, prompt: str | list[dict], *, system: str | None = None, chat: bool = True, stop=None, **kwargs
+    ) -> Iterator[str]:
+        """Text deltas of one answer as they are generated. The result's stats are on `.last_result`."""
+        for event in self._run([prompt], system=system, chat=chat, stop=stop, kwargs=kwargs):
+            if isinstance(event, list):
+                self.last_result = event[0]
+            else:
+                yield event[1]
+
+    def chat(self, messages: list[dict], **kwargs) -> GenerationResult:
+        """Continue a conversation given as [{"role": ..., "content": ...}, ...]."""
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise InputError('messages must be a non-empty list of {"role": ..., "content": ...} objects')
+        return self.generate(messages, **kwargs)
+
+    # ---- saving --------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> None:
+        """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
+        folder = Path(folder)
+        cfg = self.net.cfg.to_hf()
+        cfg["dtype"] = str(self.dtype).removeprefix("torch.")
+        write_safetensors(folder / "model.safetensors", self.net.hf_state_dict())
+        write_json(folder / "config.json", cfg)
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+        write_json(folder / "generation_config.json", gen)
+        self.tokenizer.save(folder)
