@@ -15,23 +15,31 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from vlmlab.errors import CheckpointError, ConfigError
+from vlmlab.errors import CheckpointError, ConfigError, VlmlabError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
-    """Read a JSON object; a missing or malformed file raises naming the file."""
+def read_json(
+    path: str | os.PathLike,
+    what: str = "JSON file",
+    *,
+    optional: bool = False,
+    error: type[VlmlabError] = ConfigError,
+) -> dict[str, Any]:
+    """Read a JSON object; a malformed (or, unless `optional`, missing) file raises `error` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: {what} not found")
+        if optional:
+            return {}
+        raise error(f"{path}: {what} not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 

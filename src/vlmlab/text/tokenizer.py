@@ -22,6 +22,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
+from vlmlab.checkpoints.hf import atomic_write, read_json, write_json
 from vlmlab.errors import InputError, TokenizerError
 
 # The named special tokens, in the order HF config files list them.
@@ -221,8 +222,8 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises its own exception types for bad JSON / schema
             raise TokenizerError(f"{tokenizer_file}: not a valid tokenizer.json ({e})") from None
 
-        config = _read_json(folder / "tokenizer_config.json")
-        token_map = _read_json(folder / "special_tokens_map.json")
+        config = read_json(folder / "tokenizer_config.json", optional=True, error=TokenizerError)
+        token_map = read_json(folder / "special_tokens_map.json", optional=True, error=TokenizerError)
         special_tokens = {}
         for name in SPECIAL_TOKEN_NAMES:
             value = _token_content(config.get(name))
@@ -339,7 +340,7 @@ class Tokenizer:
         `Tokenizer.from_folder` and by `transformers.AutoTokenizer.from_pretrained`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self._backend.save(str(folder / "tokenizer.json"))
+        atomic_write(folder / "tokenizer.json", self._backend.to_str(pretty=True))
         # BOS/EOS live in tokenizer.json's post-processor (what transformers 5 reads); the flags
         # are written for readers that look at the config instead.
         config: dict[str, Any] = {
@@ -353,9 +354,8 @@ class Tokenizer:
             config["model_max_length"] = self.model_max_length
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", self.special_tokens)):
-            text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-            (folder / name).write_text(text, encoding="utf-8")
+        write_json(folder / "tokenizer_config.json", config)
+        write_json(folder / "special_tokens_map.json", self.special_tokens)
 
 
 # ---- GGUF vocabularies -----------------------------------------------------------------------
@@ -493,19 +493,6 @@ def _bos_eos_processor(
 
 
 # ---- HF folder helpers -----------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or {} when the file does not exist."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _token_content(value: Any) -> str | None:
