@@ -53,13 +53,19 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LanguageModel:
 def _load_hf(folder: Path, dtype: torch.dtype) -> LanguageModel:
     config = read_config(folder)
     archs = config.get("architectures") or []
+    archs = [archs] if isinstance(archs, str) else archs
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{folder / 'config.json'}: 'architectures' must be a list of names, got {archs!r}")
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if family is None:
         raise UnknownArchitectureError(
             f"{folder / 'config.json'}: architecture {', '.join(archs) or '(none given)'} is not supported "
             f"(supported: {', '.join(sorted(ARCHITECTURES))})"
         )
-    cfg = family.LlamaConfig.from_hf(config)
+    try:
+        cfg = family.LlamaConfig.from_hf(config)
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'config.json'}: {e}") from None
     tensors, origin = read_safetensors(folder)
     net = family.LlamaForCausalLM.without_weights(cfg)
     net.load_hf_tensors(tensors, origin, dtype)

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from vlmlab.errors import CheckpointError
+from vlmlab.errors import CheckpointError, ConfigError
 
 # Tensor types we promise to read (the gguf package also dequantizes others, which we accept).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
@@ -33,7 +33,7 @@ class GGUFFile:
     def architecture(self) -> str:
         arch = self.metadata.get("general.architecture")
         if not isinstance(arch, str):
-            raise CheckpointError(f"{self.path}: GGUF metadata has no 'general.architecture'")
+            raise ConfigError(f"{self.path}: GGUF metadata has no 'general.architecture'")
         return arch
 
     def field(self, key: str, default: Any = ...) -> Any:
@@ -41,7 +41,7 @@ class GGUFFile:
         if key in self.metadata:
             return self.metadata[key]
         if default is ...:
-            raise CheckpointError(f"{self.path}: GGUF metadata field '{key}' is missing")
+            raise ConfigError(f"{self.path}: GGUF metadata field '{key}' is missing")
         return default
 
     def tensor_names(self) -> list[str]:

@@ -67,6 +67,11 @@ def load_state(
         raise CheckpointError(f"{', '.join(files)}: missing tensor(s) {_listing(missing)}")
     for name, tensor in given.items():
         want = expected[name]
+        if want.is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{where(name)}: tensor '{name}' has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                "expected a floating-point dtype"
+            )
         if tuple(tensor.shape) != tuple(want.shape):
             raise CheckpointError(
                 f"{where(name)}: tensor '{name}' has shape {tuple(tensor.shape)}, "

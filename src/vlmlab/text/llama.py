@@ -55,6 +55,17 @@ class LlamaConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # HF fields we carry through unchanged
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"config field '{name}' must be a positive number, got {value!r}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+            raise ConfigError(f"config field 'head_dim' must be a positive integer, got {self.head_dim!r}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -75,11 +86,11 @@ class LlamaConfig:
         """From a config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "qwen2", "mistral"):
-            raise ConfigError(f"config.json: model_type {model_type!r} is not a Llama-family decoder")
+            raise ConfigError(f"model_type {model_type!r} is not a Llama-family decoder")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for key in required:
             if key not in hf:
-                raise ConfigError(f"config.json: required field '{key}' is missing")
+                raise ConfigError(f"required field '{key}' is missing")
         rope = dict(hf.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -101,7 +112,7 @@ class LlamaConfig:
             hidden_act=hf.get("hidden_act", "silu"),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
+            rope_theta=theta,
             rope_scaling=scaling,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
