@@ -78,6 +78,19 @@ def sample(
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 
+def cache_dtype(model) -> torch.dtype:
+    """KV-cache dtype: float32 for half-precision models on CPU, else the model's dtype.
+
+    PyTorch's CPU attention kernels are several times slower in bfloat16 than in float32 at
+    decode shapes (measured: 98 vs 22 us per layer for one query over 100 keys), and the cache of
+    a small model is small, so attention runs in float32 there.
+    """
+    param = next(model.parameters())
+    if param.device.type == "cpu" and param.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return param.dtype
+
+
 @torch.inference_mode()
 def generate_tokens(
     model,
@@ -121,7 +134,7 @@ def generate_tokens(
         base = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**62)
         generators = [torch.Generator(device=device).manual_seed(base + i) for i in range(batch)]
     stop_ids = set(cfg.stop_token_ids)
-    cache = model.new_cache(longest + steps)
+    cache = model.new_cache(longest + steps, dtype=cache_dtype(model))
     logits = model(ids, attention_mask=mask if padded else None, cache=cache, logits_to_keep=1)[:, -1]
     for step in range(steps):
         next_ids = sample(logits, cfg, seen, generators)

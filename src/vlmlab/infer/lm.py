@@ -6,6 +6,7 @@ This is what `vlmlab.load` returns for a text-only model and what the CLI and se
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -15,6 +16,7 @@ import torch
 from vlmlab.checkpoints.hf import write_json, write_safetensors
 from vlmlab.errors import InputError
 from vlmlab.infer.generate import GenerationConfig, TextStream, generate_tokens
+from vlmlab.nn.packed import pack_for_inference, unpack
 
 # End-of-turn markers of common chat templates; generation in chat mode stops on any present.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -44,16 +46,29 @@ class LanguageModel:
     kind = "language-model"
 
     def __init__(self, net: torch.nn.Module, tokenizer, name: str = "model"):
-        self.net = net.eval()
+        self.net = net.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
+        self.packed = pack_for_inference(self.net)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.net.parameters()).dtype
+        return self.net.model.embed_tokens.weight.dtype
+
+    @contextmanager
+    def unpacked(self) -> Iterator[torch.nn.Module]:
+        """The network with ordinary nn.Linear layers (for saving or converting), repacked after."""
+        if self.packed:
+            unpack(self.net)
+            self.net.tie_weights()
+        try:
+            yield self.net
+        finally:
+            self.packed = pack_for_inference(self.net)
 
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "LanguageModel":
-        self.net.to(device=device, dtype=dtype)
+        with self.unpacked() as net:
+            net.to(device=device, dtype=dtype)
         return self
 
     # ---- prompts -------------------------------------------------------------------------------
@@ -174,7 +189,8 @@ class LanguageModel:
         folder = Path(folder)
         cfg = self.net.cfg.to_hf()
         cfg["dtype"] = str(self.dtype).removeprefix("torch.")
-        write_safetensors(folder / "model.safetensors", self.net.hf_state_dict())
+        with self.unpacked() as net:
+            write_safetensors(folder / "model.safetensors", net.hf_state_dict())
         write_json(folder / "config.json", cfg)
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
         write_json(folder / "generation_config.json", gen)

@@ -12,19 +12,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmlab.errors import PromptTooLongError
+from vlmlab.nn.packed import packed_call
 from vlmlab.nn.rope import apply_rotary
 
 
 class KVCache:
     """Keys and values of every layer, preallocated to `capacity` positions.
 
-    Buffers are (batch, kv_heads, capacity, head_dim), allocated on a layer's first update in the
-    dtype/device of its keys. `length` counts positions written; the model advances it once per
-    forward after all layers have written, so every layer sees the same offset.
+    Buffers are (batch, kv_heads, capacity, head_dim), allocated on a layer's first update on the
+    device of its keys, in `dtype` (default: the keys' dtype). Attention runs in the cache's dtype,
+    so a float32 cache makes a bfloat16 model attend in float32 (faster on CPUs, see
+    `infer.generate.cache_dtype`). `length` counts positions written; the model advances it once
+    per forward after all layers have written, so every layer sees the same offset.
     """
 
-    def __init__(self, num_layers: int, capacity: int):
+    def __init__(self, num_layers: int, capacity: int, dtype: torch.dtype | None = None):
         self.capacity = capacity
+        self.dtype = dtype
         self.length = 0
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
@@ -39,8 +43,9 @@ class KVCache:
             )
         if self.keys[layer] is None:
             b, h, _, d = k.shape
-            self.keys[layer] = k.new_empty(b, h, self.capacity, d)
-            self.values[layer] = v.new_empty(b, h, self.capacity, v.shape[-1])
+            dtype = self.dtype or k.dtype
+            self.keys[layer] = k.new_empty(b, h, self.capacity, d, dtype=dtype)
+            self.values[layer] = v.new_empty(b, h, self.capacity, v.shape[-1], dtype=dtype)
         keys, values = self.keys[layer], self.values[layer]
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
@@ -50,7 +55,7 @@ class KVCache:
         self.length += n
 
 
-def attention_mask(
+def make_attention_mask(
     q_len: int,
     kv_len: int,
     *,
@@ -131,15 +136,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         src = x if context is None else context
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(src).view(b, src.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(src).view(b, src.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+        fused = packed_call(self, "qkv", x) if context is None else None
+        q, k, v = fused or (self.q_proj(x), self.k_proj(src), self.v_proj(src))
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, src.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, src.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, k, *rope)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         out = F.scaled_dot_product_attention(
-            q,
+            q.to(k.dtype),
             k,
             v,
             attn_mask=mask,
@@ -147,4 +154,4 @@ class Attention(nn.Module):
             scale=self.scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, -1))

@@ -19,7 +19,7 @@ from torch import nn
 from vlmlab.checkpoints.gguf import GGUFFile
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
 from vlmlab.errors import ConfigError, InputError
-from vlmlab.nn import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, attention_mask
+from vlmlab.nn import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, make_attention_mask
 
 # HF architectures (config.json "architectures") and GGUF `general.architecture` values served here.
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -262,16 +262,14 @@ class LlamaModel(nn.Module):
                 mask, is_causal = attention_mask, False  # a caller-built custom mask, used as given
             else:
                 if window not in masks:
-                    masks[window] = attention_mask_for(t, past + t, padding, window, x.device)
+                    masks[window] = make_attention_mask(
+                        t, past + t, causal=True, padding_mask=padding, sliding_window=window, device=x.device
+                    )
                 mask, is_causal = masks[window]
             x = layer(x, rope, mask, is_causal, cache)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
-
-
-def attention_mask_for(q_len, kv_len, padding, window, device):
-    return attention_mask(q_len, kv_len, causal=True, padding_mask=padding, sliding_window=window, device=device)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -297,8 +295,8 @@ class LlamaForCausalLM(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.cfg.num_hidden_layers, capacity)
+    def new_cache(self, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
+        return KVCache(self.cfg.num_hidden_layers, capacity, dtype)
 
     @property
     def context_length(self) -> int:
