@@ -8,6 +8,8 @@ uses one seeded generator per row, so a row samples the same tokens alone or in 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -30,6 +32,16 @@ class GenerationConfig:
     stop_strings: Sequence[str] = field(default_factory=tuple)
 
     def validate(self) -> None:
+        for name in ("max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -128,7 +140,9 @@ def generate_tokens(
     seen = None
     if cfg.repetition_penalty != 1.0:
         seen = torch.zeros((batch, model.cfg.vocab_size), dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, mask)
+        # Pad positions point at the row's last (always real) token, so no index is written twice
+        # with different values (scatter's order for duplicates is undefined).
+        seen.scatter_(1, ids.where(mask, ids[:, -1:]), True)
     generators = [None] * batch
     if cfg.temperature > 0:
         base = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**62)
@@ -178,12 +192,10 @@ class TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
-        for s in self.stop_strings:
-            at = text.find(s, max(0, self.emitted - len(s)))
-            if at != -1:
-                self.stopped = True
-                text = text[:at]
-                break
+        hits = [at for s in self.stop_strings if (at := text.find(s, max(0, self.emitted - len(s)))) != -1]
+        if hits:
+            self.stopped = True
+            text = text[: min(hits)]
         self.text = text
         safe = len(text) if self.stopped else len(text) - self._held(text)
         delta = text[self.emitted:safe] if safe > self.emitted else ""
@@ -191,7 +203,10 @@ class TextStream:
         return delta
 
     def flush(self) -> str:
-        """Whatever was held back, once the row has finished."""
+        """Whatever was held back, once the row has finished (an incomplete trailing character
+        comes out as the tokenizer decodes it, U+FFFD, as the reference decoder gives it)."""
+        if not self.stopped and self.ids:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         delta = self.text[self.emitted:]
         self.emitted = len(self.text)
         return delta

@@ -153,6 +153,8 @@ class LlamaConfig:
         )
         if self.model_type == "qwen2":
             hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window)
+            if self.layer_types is not None:
+                hf.update(layer_types=self.layer_types)
         else:
             if self.qkv_bias != self.o_bias:
                 raise ConfigError(f"{self.model_type} checkpoints cannot express q/k/v bias without o bias")
