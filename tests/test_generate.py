@@ -471,3 +471,13 @@ def test_generate_validates_before_running(lm):
         lm.generate("hi", top_p=0)
     with pytest.raises(InputError, match="temperature"):
         lm.generate("hi", temperature=-1)
+
+
+def test_unknown_generation_option_is_named(lm):
+    with pytest.raises(InputError, match="unknown generation option.*max_tokens"):
+        lm.generate("hi", max_tokens=3)
+
+
+def test_empty_prompt_list_is_an_input_error(lm):
+    with pytest.raises(InputError, match="empty list"):
+        lm.generate([])

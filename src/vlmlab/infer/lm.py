@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -101,6 +101,12 @@ class LanguageModel:
     # ---- generation ----------------------------------------------------------------------------
 
     def _config(self, chat: bool, stop: Sequence[str] | None, kwargs: dict) -> GenerationConfig:
+        unknown = sorted(set(kwargs) - {f.name for f in fields(GenerationConfig)} - {"stop_strings"})
+        if unknown or "stop_strings" in kwargs:
+            raise InputError(
+                f"unknown generation option(s) {', '.join(unknown or ['stop_strings (pass stop=)'])}; "
+                f"expected {', '.join(f.name for f in fields(GenerationConfig) if f.name != 'stop_strings')} or stop"
+            )
         stop_ids = kwargs.pop("stop_token_ids", None)
         cfg = GenerationConfig(
             stop_token_ids=self.stop_token_ids(chat) if stop_ids is None else stop_ids,
@@ -161,7 +167,9 @@ class LanguageModel:
         kwargs are `GenerationConfig` fields: max_new_tokens, temperature, top_k, top_p,
         repetition_penalty, seed, stop_token_ids.
         """
-        batch = isinstance(prompt, list) and all(isinstance(p, str) for p in prompt) and prompt
+        if isinstance(prompt, list) and not prompt:
+            raise InputError("prompt is an empty list; pass a string, chat messages, or a list of strings")
+        batch = isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)
         prompts = list(prompt) if batch else [prompt]
         *_, results = self._run(prompts, system=system, chat=chat, stop=stop, kwargs=kwargs)
         return results if batch else results[0]
