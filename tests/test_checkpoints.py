@@ -22,6 +22,7 @@ from vlmlab.checkpoints import resolve as resolve_mod
 from vlmlab.checkpoints.gguf import read_gguf
 from vlmlab.checkpoints.hf import atomic_write, read_config, read_safetensors, write_json, write_safetensors
 from vlmlab.checkpoints.resolve import package_file, resolve
+from conftest import build_tiny_hf  # noqa: E402
 from vlmlab.errors import CheckpointError, ConfigError, ModelNotFoundError, UnknownArchitectureError
 from vlmlab.text.llama import LlamaConfig, LlamaForCausalLM
 
@@ -50,18 +51,8 @@ needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2 GGUF (llm_sm
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     """config.json + model.safetensors of a 2-layer Llama, as transformers' save_pretrained writes them."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-    )
     folder = tmp_path_factory.mktemp("tiny_llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    build_tiny_hf("llama", folder)
     assert (folder / "model.safetensors").is_file()
     return folder
 
