@@ -182,7 +182,7 @@ class Tokenizer:
             raise TokenizerError(
                 f"{self.source}: this tokenizer has no chat template (no 'chat_template' in "
                 "tokenizer_config.json, no chat_template.jinja, no 'tokenizer.chat_template' in the GGUF); "
-                "format the prompt yourself or use a checkpoint that ships one"
+                "send the prompt as plain text (--no-chat, or chat=False) or use a checkpoint that ships one"
             )
         if not isinstance(messages, (list, tuple)):
             raise InputError(f"messages must be a list of dicts, got {type(messages).__name__}")
