@@ -80,15 +80,10 @@ def smollm2(smollm2_gguf) -> Tokenizer:
     return Tokenizer.from_gguf(smollm2_gguf)
 
 
-def _write_sentencepiece_gguf(path: Path, architecture: str = "llama", add_bos: bool | None = None) -> Path:
-    """A tiny GGUF with a "llama" (SentencePiece BPE, byte fallback) vocabulary and no merges."""
+def tiny_gguf_writer(path, architecture: str):
+    """A GGUFWriter with the model fields of a 1-layer, 8-wide model; tests add the tokenizer."""
     import gguf
 
-    pieces = ["▁", "e", "h", "l", "o", "t", "w", "r", "d", "a", "n", "i", "s", "▁t", "he", "ll", "▁the",
-              "▁h", "llo", "▁hello", "▁w", "or", "▁wor", "ld", "▁world", "an", "▁an", "in", "is", "▁is"]
-    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces, "<think>", "</think>"]
-    types = [2, 3, 3, *[6] * 256, *[1] * len(pieces), 4, 4]
-    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0, 0.0]
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_context_length(64)
     writer.add_embedding_length(8)
@@ -98,6 +93,20 @@ def _write_sentencepiece_gguf(path: Path, architecture: str = "llama", add_bos: 
     writer.add_head_count_kv(2)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(4)
+    return writer
+
+
+
+def _write_sentencepiece_gguf(path: Path, architecture: str = "llama", add_bos: bool | None = None) -> Path:
+    """A tiny GGUF with a "llama" (SentencePiece BPE, byte fallback) vocabulary and no merges."""
+    import gguf
+
+    pieces = ["▁", "e", "h", "l", "o", "t", "w", "r", "d", "a", "n", "i", "s", "▁t", "he", "ll", "▁the",
+              "▁h", "llo", "▁hello", "▁w", "or", "▁wor", "ld", "▁world", "an", "▁an", "in", "is", "▁is"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces, "<think>", "</think>"]
+    types = [2, 3, 3, *[6] * 256, *[1] * len(pieces), 4, 4]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0, 0.0]
+    writer = tiny_gguf_writer(path, architecture)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
@@ -296,15 +305,7 @@ def _write_byte_level_gguf(path: Path, pre: str, add_bos: bool | None) -> Path:
     extra = {"<|begin_of_text|>": 3, "<|end_of_text|>": 3, "<|fim hole|>": 3, "<think>": 4, "</think>": 4}
     types = [1] * len(tokens) + list(extra.values())
     tokens += list(extra)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(64)
-    writer.add_embedding_length(8)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(16)
-    writer.add_head_count(2)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(4)
+    writer = tiny_gguf_writer(path, "llama")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
