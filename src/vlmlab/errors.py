@@ -35,3 +35,11 @@ class InputError(VlmlabError):
 
 class PromptTooLongError(InputError):
     """A prompt (plus the tokens asked for) that does not fit the model's context."""
+
+
+class DataError(VlmlabError):
+    """A dataset record or file that is malformed (bad JSON, missing image, wrong field)."""
+
+
+class ImageError(InputError):
+    """Image bytes that do not decode, or exceed the pixel / byte limits."""
