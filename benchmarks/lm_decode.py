@@ -25,7 +25,7 @@ the driver waits for other processes to go quiet and re-measures disturbed confi
 
 Usage (from the repository root, with the venv active):
 
-    python benchmarks/lm_decode.py                      # everything: both impls, both dtypes, batch 1 and 8
+    python benchmarks/lm_decode.py                      # everything: both impls, all dtypes (+ vlmlab int4), batch 1 and 8
     python benchmarks/lm_decode.py --rounds 3 --markdown --json /tmp/lm_decode.json   # docs/benchmarks.md
     python benchmarks/lm_decode.py --impl vlmlab --dtype bfloat16 --batch 1 --repeats 5
 
@@ -49,6 +49,10 @@ from pathlib import Path
 MODEL = "smollm2"
 IMPLS = ("vlmlab", "transformers")
 DTYPES = ("float32", "bfloat16")
+# vlmlab's third mode: the GGUF's 4-bit layer weights kept in 4 bits (int4 kernel, bfloat16
+# activations). transformers has no such mode; its row is compared with transformers' bfloat16.
+INT4 = "int4"
+PEER_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", INT4: "bfloat16"}
 RESULT_TAG = "@@RESULT@@ "
 
 # The user message: the first of these whose chat-templated prompt has exactly --prompt-tokens tokens
@@ -230,6 +234,22 @@ def logical_param_count(net) -> int:
     return count
 
 
+def weight_bytes_per_token(net, n_params: int, dtype) -> int:
+    """Bytes of weights a batch-1 decode step reads: every parameter once in `dtype`, except that
+    4-bit layers read half a byte per weight plus their bfloat16 scale and zero per group."""
+    try:
+        from vlmlab.nn.quant import Int4Linear
+    except ImportError:  # an older vlmlab (--vlmlab-src)
+        return n_params * dtype.itemsize
+    total, int4_params = 0, 0
+    for m in net.modules():
+        if isinstance(m, Int4Linear):
+            out, inp = m.weight_int4.shape
+            int4_params += out * inp
+            total += out * inp // 2 + 2 * 2 * out * inp // m.weight_int4.group_size
+    return total + (n_params - int4_params) * dtype.itemsize
+
+
 def gguf_param_count(path) -> int | None:
     """Elements of all tensors in the GGUF file (a tied lm_head is not stored separately)."""
     try:
@@ -249,7 +269,10 @@ def worker_vlmlab(spec: dict) -> dict:
     batch, new_tokens, repeats = spec["batch"], spec["new_tokens"], spec["repeats"]
     rss0 = rss_mib()
     t = time.perf_counter()
-    lm = vlmlab.load(MODEL, dtype=spec["dtype"])
+    if spec["dtype"] == INT4:
+        lm = vlmlab.load(MODEL, dtype="bfloat16", quantization="int4")
+    else:
+        lm = vlmlab.load(MODEL, dtype=spec["dtype"])
     load_s = time.perf_counter() - t
     ids = lm.prompt_ids(spec["message"])
     if ids != spec["prompt_ids"]:
@@ -267,7 +290,7 @@ def worker_vlmlab(spec: dict) -> dict:
         return timing_from_stamps(t0, stamps, time.perf_counter()), first_row
 
     n_params = logical_param_count(lm.net)
-    wb = {"params": n_params, "bytes": n_params * lm.dtype.itemsize, "dtype": str(lm.dtype)}
+    wb = {"params": n_params, "bytes": weight_bytes_per_token(lm.net, n_params, lm.dtype), "dtype": spec["dtype"]}
     try:  # newer vlmlab keeps a float32 KV cache for half-precision models on CPU
         from vlmlab.infer.generate import cache_dtype
 
@@ -567,7 +590,7 @@ def make_rows(results: list[dict]) -> list[dict]:
     by_key = {(r["impl"], r["dtype"], r["batch"]): r for r in results}
     rows = []
     for r in results:
-        other = by_key.get(("transformers", r["dtype"], r["batch"]))
+        other = by_key.get(("transformers", PEER_DTYPE[r["dtype"]], r["batch"]))
         ratio = None
         if r["impl"] == "vlmlab" and other is not None:
             vt, tt = r["first_row_tokens"], other["first_row_tokens"]
@@ -697,7 +720,7 @@ def print_report(report: dict, markdown: bool) -> None:
 
 def compute_bounds(results: list[dict], bandwidth: dict, prompt_tokens: int, new_tokens: int) -> list[dict]:
     bounds = []
-    for dtype in DTYPES:
+    for dtype in (*DTYPES, INT4):
         vl = [r for r in results if r["impl"] == "vlmlab" and r["dtype"] == dtype]
         if not vl:
             continue
@@ -722,7 +745,10 @@ def compute_bounds(results: list[dict], bandwidth: dict, prompt_tokens: int, new
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--impl", choices=[*IMPLS, "both"], default="both")
-    ap.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
+    ap.add_argument(
+        "--dtype", choices=[*DTYPES, INT4, "all"], default="all",
+        help="int4: vlmlab with the GGUF's 4-bit weights kept 4-bit (transformers runs bfloat16 as its peer)",
+    )
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=42)
@@ -761,7 +787,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     impls = IMPLS if args.impl == "both" else (args.impl,)
-    dtypes = DTYPES if args.dtype == "both" else (args.dtype,)
+    dtypes = (*DTYPES, INT4) if args.dtype == "all" else (args.dtype,)
     if args.vlmlab_src:
         sys.path.insert(0, os.path.abspath(args.vlmlab_src))
     message, prompt_ids = build_prompt(args.prompt_tokens)
@@ -830,6 +856,8 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in dtypes:
             for batch in args.batch:
                 for impl in impls:  # the two impls back to back, so they see similar machine load
+                    if impl == "transformers" and dtype == INT4:
+                        continue  # its peer row is transformers' bfloat16
                     per_round.append({**measure_config(impl, dtype, batch), "round": rnd + 1})
     bandwidth = max(bandwidths, key=lambda b: b["read_GBps"])  # best of the rounds
     from vlmlab.checkpoints.resolve import resolve

@@ -34,17 +34,17 @@ PROMPT = "What is 2+2?"
 JSON_KEYS = {"text", "token_ids", "prompt_tokens", "time_to_first_token_s", "tokens_per_s"}
 
 _real_load = vlmlab.load
-_loaded: dict[tuple[str, str], object] = {}
+_loaded: dict[tuple[str, str, str], object] = {}
 
 
-def _memo_load(name_or_path, *, dtype=None):
-    """`vlmlab.load`, except that SmolLM2 is loaded once per dtype in this process."""
+def _memo_load(name_or_path, *, dtype=None, quantization=None):
+    """`vlmlab.load`, except that SmolLM2 is loaded once per (dtype, quantization) in this process."""
     if SMOLLM2 is not None and resolve(str(name_or_path)) == SMOLLM2:
-        key = (str(SMOLLM2), str(dtype))
+        key = (str(SMOLLM2), str(dtype), str(quantization))
         if key not in _loaded:
-            _loaded[key] = _real_load(name_or_path, dtype=dtype)
+            _loaded[key] = _real_load(name_or_path, dtype=dtype, quantization=quantization)
         return _loaded[key]
-    return _real_load(name_or_path, dtype=dtype)
+    return _real_load(name_or_path, dtype=dtype, quantization=quantization)
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +103,7 @@ def test_json_output_has_the_documented_fields(greedy):
     assert isinstance(greedy["time_to_first_token_s"], float) and greedy["time_to_first_token_s"] > 0
     assert isinstance(greedy["tokens_per_s"], (int, float)) and greedy["tokens_per_s"] >= 0
     # the text is the decoding of the ids
-    lm = _loaded[(str(SMOLLM2), "float32")]
+    lm = _loaded[(str(SMOLLM2), "float32", "none")]
     assert lm.tokenizer.decode(greedy["token_ids"], skip_special_tokens=True) == greedy["text"]
 
 
@@ -126,7 +126,7 @@ def test_streaming_prints_the_same_text_as_json(capsys, greedy):
 def test_no_chat_continues_the_raw_prompt(capsys):
     prompt = "The capital of France is"
     result = run_json(capsys, "--model", "smollm2", "--prompt", prompt, "--max-new-tokens", "4", "--no-chat")
-    lm = _loaded[(str(SMOLLM2), "float32")]
+    lm = _loaded[(str(SMOLLM2), "float32", "none")]
     assert result["prompt_tokens"] == len(lm.tokenizer.encode(prompt, add_special_tokens=True))
     assert result["prompt_tokens"] < len(lm.prompt_ids(prompt, chat=True))  # the chat template adds tokens
     assert 0 < len(result["token_ids"]) <= 4
@@ -137,7 +137,7 @@ def test_no_chat_continues_the_raw_prompt(capsys):
 def test_system_message_enters_the_chat_prompt(capsys, greedy):
     system = "You are a pirate. Answer every question in pirate speech, with many arrrs."
     result = run_json(capsys, "--model", "smollm2", "--prompt", PROMPT, "--system", system, "--max-new-tokens", "4")
-    lm = _loaded[(str(SMOLLM2), "float32")]
+    lm = _loaded[(str(SMOLLM2), "float32", "none")]
     text = lm.tokenizer.apply_chat_template(
         [{"role": "system", "content": system}, {"role": "user", "content": PROMPT}], add_generation_prompt=True
     )
@@ -151,7 +151,16 @@ def test_system_message_enters_the_chat_prompt(capsys, greedy):
 def test_dtype_bfloat16(capsys):
     result = run_json(capsys, "--model", "smollm2", "--prompt", PROMPT, "--max-new-tokens", "3", "--dtype", "bfloat16")
     assert 0 < len(result["token_ids"]) <= 3 and result["prompt_tokens"] > 0
-    assert _loaded[(str(SMOLLM2), "bfloat16")].dtype == torch.bfloat16
+    assert _loaded[(str(SMOLLM2), "bfloat16", "none")].dtype == torch.bfloat16
+
+
+@needs_smollm2
+def test_int4_answers_like_the_default(capsys, greedy):
+    result = run_json(capsys, "--model", "smollm2", "--prompt", PROMPT, "--max-new-tokens", "8",
+                      "--dtype", "bfloat16", "--quantization", "int4")
+    lm = _loaded[(str(SMOLLM2), "bfloat16", "int4")]
+    assert any(type(m).__name__ == "Int4Linear" for m in lm.net.modules())
+    assert result["token_ids"][:4] == greedy["token_ids"][:4]
 
 
 @needs_smollm2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Container, Iterator
 
 import numpy as np
 import torch
@@ -50,11 +50,15 @@ class GGUFFile:
     def tensor_types(self) -> dict[str, str]:
         return {t.name: t.tensor_type.name for t in self._reader.tensors}
 
-    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (gguf name, dequantized tensor in `dtype`), in file order, shaped row-major."""
+    def tensors(self, dtype: torch.dtype = torch.float32, skip: Container[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (gguf name, dequantized tensor in `dtype`), in file order, shaped row-major.
+
+        Names in `skip` are not read (their 4-bit blocks were taken with `int4_blocks`)."""
         from gguf import GGMLQuantizationType, dequantize
 
         for t in self._reader.tensors:
+            if t.name in skip:
+                continue
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             try:
                 if t.tensor_type == GGMLQuantizationType.F32:
@@ -70,6 +74,35 @@ class GGUFFile:
                     f"{self.path}: cannot read tensor '{t.name}' of type {t.tensor_type.name}: {e}"
                 ) from None
             yield t.name, tensor.to(dtype)
+
+
+    def int4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A Q4_0 / Q4_1 matrix as (codes, scale, zero) with ``w = (codes - 8) * scale + zero``.
+
+        codes: uint8 (rows, cols), one 4-bit code per weight; scale, zero: float32
+        (rows, cols // 32). Exact: Q4_0 blocks are ``d * (q - 8)``, Q4_1 blocks ``d * q + m``.
+        """
+        t = next((t for t in self._reader.tensors if t.name == name), None)
+        kind = None if t is None else t.tensor_type.name
+        if kind not in INT4_TYPES:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is {kind or 'absent'}, not one of {', '.join(INT4_TYPES)}")
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        blocks = np.asarray(t.data, dtype=np.uint8).reshape(rows, -1, INT4_BLOCK_BYTES[kind])
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if kind == "Q4_1":
+            m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            zero = m + 8 * d
+        else:
+            zero = np.zeros_like(d)
+        qs = blocks[..., -16:]
+        # Within a block of 32: byte j holds weight j in its low nibble and weight j + 16 in its high one.
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
+        return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zero)
+
+
+# 4-bit block formats whose codes map exactly onto an int4 kernel (bytes per block of 32 weights).
+INT4_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+INT4_TYPES = tuple(INT4_BLOCK_BYTES)
 
 
 def _field_value(f: Any) -> Any:

@@ -16,7 +16,7 @@ from vlmlab.errors import VlmlabError
 def _generate(args: argparse.Namespace) -> int:
     import vlmlab
 
-    lm = vlmlab.load(args.model, dtype=args.dtype)
+    lm = vlmlab.load(args.model, dtype=args.dtype, quantization=args.quantization)
     options = dict(
         system=args.system,
         chat=args.chat,
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="wrap the prompt in the chat template")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--quantization", choices=["none", "int4"], default="none",
+                     help="int4: keep a GGUF's 4-bit weights in 4 bits (fastest decoding)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=_generate)
     return parser

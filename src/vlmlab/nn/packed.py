@@ -6,7 +6,8 @@ bandwidth on these shapes; oneDNN with weights reordered once into its blocked l
 better, and fusing the projections that read the same input (q/k/v, gate/up) halves the calls.
 
 `pack_for_inference(net)` does both in place, `unpack(net)` restores ordinary `nn.Linear`
-modules with the same weights (to save, convert or train). Packing changes no numbers: oneDNN
+modules with the same weights (to save, convert or train). 4-bit layers (`nn/quant.py`) are
+fused the same way and stay 4-bit. Packing changes no numbers: oneDNN
 computes the same products, and only bfloat16 is packed (float32 keeps the reference's kernels).
 """
 
@@ -17,6 +18,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from vlmlab.nn.quant import Int4Linear
 
 
 def onednn_packing_available(dtype: torch.dtype) -> bool:
@@ -84,20 +87,31 @@ def packed_call(module: nn.Module, group: str, x: torch.Tensor) -> list[torch.Te
 
 
 def pack_for_inference(net: nn.Module) -> bool:
-    """Fuse and pack every linear of `net` in place; False (and nothing changed) if unsupported."""
+    """Fuse sibling projections and pack linears for fast inference, in place; True if anything changed.
+
+    Dense linears are packed for oneDNN when the network's dtype supports it; 4-bit linears
+    (`Int4Linear`) are fused in any dtype (they carry their own kernel).
+    """
     dtypes = {p.dtype for p in net.parameters()}
-    if len(dtypes) != 1 or not onednn_packing_available(dtypes.pop()):
-        return False
+    dense_ok = len(dtypes) == 1 and onednn_packing_available(dtypes.pop())
+    changed = False
     with torch.no_grad():
         for module in list(net.modules()):
             for group, names in FUSED_GROUPS.items():
-                if all(isinstance(module._modules.get(n), nn.Linear) for n in names):
+                members = [module._modules.get(n) for n in names]
+                if all(isinstance(m, Int4Linear) for m in members):
+                    module._modules[group] = Int4Linear.fuse([module._modules.pop(n) for n in names])
+                elif dense_ok and all(type(m) is nn.Linear for m in members):
                     module._modules[group] = PackedLinear([module._modules.pop(n) for n in names])
+                else:
+                    continue
+                changed = True
             for name, child in list(module._modules.items()):
-                if isinstance(child, nn.Linear):
+                if dense_ok and type(child) is nn.Linear:
                     module._modules[name] = PackedLinear([child])
+                    changed = True
     release_freed_memory()
-    return True
+    return changed
 
 
 def release_freed_memory() -> None:
@@ -110,14 +124,17 @@ def release_freed_memory() -> None:
 
 
 def unpack(net: nn.Module) -> None:
-    """Undo `pack_for_inference`: ordinary `nn.Linear` modules with the same weights."""
+    """Undo `pack_for_inference`: ordinary `nn.Linear` modules (4-bit ones stay 4-bit, unfused)."""
     with torch.no_grad():
         for module in list(net.modules()):
             for name, child in list(module._modules.items()):
-                if not isinstance(child, PackedLinear):
-                    continue
                 names = FUSED_GROUPS.get(name, (name,))
+                if isinstance(child, PackedLinear):
+                    layers = child.unpack()
+                elif isinstance(child, Int4Linear) and name in FUSED_GROUPS:
+                    layers = child.split()
+                else:
+                    continue
                 del module._modules[name]
-                for n, lin in zip(names, child.unpack()):
+                for n, lin in zip(names, layers):
                     module._modules[n] = lin
-

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmlab.checkpoints.gguf import GGUFFile
+from vlmlab.checkpoints.gguf import INT4_TYPES, GGUFFile
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
 from vlmlab.errors import ConfigError, InputError
 from vlmlab.nn import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, make_attention_mask
+from vlmlab.nn.quant import Int4Weight, dense_state_dict, use_int4_weights
 
 # HF architectures (config.json "architectures") and GGUF `general.architecture` values served here.
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -325,8 +326,9 @@ class LlamaForCausalLM(nn.Module):
     # ---- checkpoints -------------------------------------------------------------------------
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under their HF names (the tied head is not stored, as transformers does)."""
-        sd = self.state_dict()
+        """Tensors under their HF names (the tied head is not stored, as transformers does).
+        4-bit layers are written dequantized, in the embeddings' dtype."""
+        sd = dense_state_dict(self, self.model.embed_tokens.weight.dtype)
         if self.cfg.tie_word_embeddings:
             sd.pop("lm_head.weight")
         return sd
@@ -337,14 +339,31 @@ class LlamaForCausalLM(nn.Module):
         load_state(self, renamed, origin=origin, ignore=HF_IGNORED, optional=optional, dtype=dtype)
         self.tie_weights()
 
-    def load_gguf_tensors(self, g: GGUFFile, dtype: torch.dtype = torch.float32) -> None:
-        tensors = {}
-        for name, t in g.tensors(torch.float32):
-            hf_name = rename(name, GGUF_KEY_MAP)
+    def load_gguf_tensors(self, g: GGUFFile, dtype: torch.dtype = torch.float32, int4: bool = False) -> None:
+        """Load a GGUF's tensors. int4: the decoder layers' linear weights stored as Q4_0/Q4_1
+        keep their 4 bits (`Int4Linear`); every other tensor is dequantized to `dtype`."""
+
+        def unpermuted(hf_name: str, t):
             if g.architecture == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = self.cfg.num_attention_heads if "q_proj" in hf_name else self.cfg.num_key_value_heads
                 t = unpermute_qk(t, heads)
-            tensors[hf_name] = t.to(dtype)
+            return t
+
+        quantized = {}
+        if int4:
+            for name, kind in g.tensor_types().items():
+                hf_name = rename(name, GGUF_KEY_MAP)
+                if kind in INT4_TYPES and hf_name.startswith("model.layers."):
+                    weight = Int4Weight.from_codes(*g.int4_blocks(name))
+                    order = torch.arange(weight.shape[0])
+                    if not torch.equal(perm := unpermuted(hf_name, order), order):
+                        weight = weight.rows(perm)
+                    quantized[name] = weight
+            use_int4_weights(self, {rename(n, GGUF_KEY_MAP): w for n, w in quantized.items()})
+        tensors = {}
+        for name, t in g.tensors(torch.float32, skip=quantized):
+            hf_name = rename(name, GGUF_KEY_MAP)
+            tensors[hf_name] = unpermuted(hf_name, t).to(dtype)
         optional = ["lm_head.weight"] if self.cfg.tie_word_embeddings else []
         load_state(self, tensors, origin=str(g.path), ignore=GGUF_IGNORED, optional=optional, dtype=dtype)
         self.tie_weights()
