@@ -10,7 +10,7 @@ import json
 import sys
 
 from vlmlab.checkpoints.resolve import DEFAULT_LM
-from vlmlab.errors import VlmlabError
+from vlmlab.errors import InputError, VlmlabError
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -39,6 +39,71 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    """``WxH`` (or one number for a square) -> (width, height)."""
+    w, _, h = text.lower().partition("x")
+    try:
+        width, height = int(w), int(h or w)
+    except ValueError:
+        raise InputError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 224x224") from None
+    return width, height
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from vlmlab.data.llava_json import write_llava_json
+    from vlmlab.data.pairs import write_pairs
+    from vlmlab.data.scenes import SceneConfig, TaskMix, generate_sample, image_text_pair, split_seed
+
+    if args.n < 1:
+        raise InputError(f"--n {args.n}: expected at least 1 sample")
+    if args.format == "pairs" and args.tasks is not None:
+        raise InputError("--tasks applies to --format llava; --format pairs writes image-caption pairs")
+    width, height = _parse_size(args.size)
+    config = SceneConfig.preset(args.preset, width=width, height=height)
+    mix = TaskMix.parse(args.tasks) if args.tasks else TaskMix()
+    split_seed(args.split, args.seed + args.n - 1)  # the whole range must lie in the split
+
+    counts: dict[str, int] = {}
+    n_images = 0
+
+    def samples():
+        nonlocal n_images
+        for seed in range(args.seed, args.seed + args.n):
+            task = mix.pick(split_seed(args.split, seed))
+            counts[task] = counts.get(task, 0) + 1
+            sample = generate_sample(task, seed, args.split, config)
+            n_images += sample.n_images
+            yield sample
+
+    def pairs():
+        for seed in range(args.seed, args.seed + args.n):
+            yield image_text_pair(seed, args.split, config)
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=Console(stderr=True), transient=True)
+    with progress:
+        bar = progress.add_task(f"synth {args.split}", total=args.n)
+
+        def tracked(items):
+            for item in items:
+                yield item
+                progress.advance(bar)
+
+        if args.format == "pairs":
+            path = write_pairs(tracked(pairs()), args.out)
+        else:
+            path = write_llava_json(tracked(samples()), args.out)
+    what = "image-caption pairs" if args.format == "pairs" else f"samples, {n_images} images"
+    print(f"wrote {args.n} {what} ({args.split}, seeds {args.seed}-{args.seed + args.n - 1}, "
+          f"{width}x{height}, preset {args.preset}) to {path}")
+    if counts:
+        print("tasks: " + ", ".join(f"{t} {n}" for t, n in sorted(counts.items())))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmlab", description="Vision-language models in pure PyTorch.")
     parser.add_argument("--version", action="version", version=f"vlmlab {__import__('vlmlab').__version__}")
@@ -61,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="int4: keep a GGUF's 4-bit weights in 4 bits (fastest decoding)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=_generate)
+
+    data = sub.add_parser("data", help="datasets: synthesize diagnostic scenes")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write synthetic scene samples as LLaVA JSON or image-caption pairs")
+    synth.add_argument("--out", required=True, help="output folder (data.json or pairs.jsonl, plus images/)")
+    synth.add_argument("--n", type=int, required=True, help="number of samples")
+    synth.add_argument("--split", choices=["train", "val", "test", "compositional"], default="train")
+    synth.add_argument("--seed", type=int, default=0, help="first sample index within the split (default: 0)")
+    synth.add_argument("--tasks", default=None,
+                       help="task mix: tasks or families with optional weights, e.g. 'vqa:3,caption,point' "
+                            "(default: the standard mix)")
+    synth.add_argument("--size", default="224x224", help="image size WxH (default: 224x224)")
+    synth.add_argument("--preset", choices=["easy", "medium", "hard"], default="medium", help="scene difficulty")
+    synth.add_argument("--format", choices=["llava", "pairs"], default="llava")
+    synth.set_defaults(func=_data_synth)
     return parser
 
 
