@@ -408,6 +408,60 @@ def test_gguf_truncated_real_file_names_the_file(tmp_path, size):
     assert "truncated" in str(e.value) or "corrupt" in str(e.value)
 
 
+def _reference_metadata(path: Path) -> dict:
+    """Metadata as the gguf package's own reader returns it (plain Python values)."""
+    reader = gguf.GGUFReader(path)
+    out = {}
+    for key, f in reader.fields.items():
+        value = f.contents()
+        out[key] = value.item() if isinstance(value, np.generic) else value
+    return out
+
+
+def test_gguf_header_parse_equals_the_reference_reader(tmp_path):
+    meta = {"general.name": "tiny ✓", "llama.block_count": 3, "llama.rope.freq_base": 0.5}
+    arr = np.arange(64, dtype=np.float32).reshape(2, 32)
+    path = write_gguf(tmp_path / "meta.gguf", "llama", [("w", arr, None)], meta)
+    g = read_gguf(path)
+    assert g.metadata == _reference_metadata(path)
+    ref = gguf.GGUFReader(path).tensors[0]
+    (info,) = g.tensor_infos()
+    assert (info.name, info.kind, info.nbytes) == (ref.name, ref.tensor_type.name, int(ref.n_bytes))
+    assert info.offset == int(ref.data_offset)
+
+
+@needs_smollm2
+def test_gguf_header_parse_equals_the_reference_reader_on_smollm2():
+    g = read_gguf(SMOLLM2)
+    ref_meta = _reference_metadata(SMOLLM2)
+    assert g.metadata.keys() == ref_meta.keys()
+    for key, value in ref_meta.items():
+        assert g.metadata[key] == value, key
+    ref = gguf.GGUFReader(SMOLLM2).tensors
+    assert [(t.name, t.kind, t.offset) for t in g.tensor_infos()] == [
+        (t.name, t.tensor_type.name, int(t.data_offset)) for t in ref
+    ]
+
+
+@pytest.mark.parametrize("cut", ["count", "string", "tensor"])
+def test_gguf_lying_header_is_refused_quickly(tmp_path, cut):
+    """A header whose lengths point past the file (or claim absurd counts) fails fast, naming the file."""
+    arr = np.ones((2, 32), np.float32)
+    path = write_gguf(tmp_path / "ok.gguf", "llama", [("w", arr, None)], {"general.name": "x"})
+    data = bytearray(path.read_bytes())
+    if cut == "count":  # key/value count: 2**62
+        data[16:24] = (2**62).to_bytes(8, "little")
+    elif cut == "string":  # the first key's length: 2**40
+        data[24:32] = (2**40).to_bytes(8, "little")
+    else:  # the tensor data cut off
+        data = data[:-100]
+    bad = tmp_path / f"{cut}.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        read_gguf(bad)
+    assert str(bad) in str(e.value) and ("truncated" in str(e.value) or "claims" in str(e.value))
+
+
 def test_gguf_unknown_architecture_names_it(tmp_path):
     path = write_gguf(tmp_path / "foo.gguf", "foo", [("token_embd.weight", np.ones((4, 8), np.float32), None)])
     assert read_gguf(path).architecture == "foo"
@@ -697,8 +751,8 @@ def test_gguf_stores_dims_reversed(tmp_path):
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
     path = write_gguf(tmp_path / "dims.gguf", "llama", [("w", arr, None)])
     g = read_gguf(path)
-    (info,) = g._reader.tensors
-    assert [int(x) for x in info.shape] == [4, 3]  # as stored: fastest dimension first
+    (info,) = g.tensor_infos()
+    assert info.shape == (3, 4) and info.kind == "F32" and info.nbytes == 48
     (_, t), = list(g.tensors())
     assert torch.equal(t, torch.arange(12, dtype=torch.float32).reshape(3, 4))
 

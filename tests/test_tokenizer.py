@@ -468,7 +468,6 @@ def test_unsupported_gguf_tokenizer_model_is_named():
     fake = GGUFFile(
         path=Path("x.gguf"),
         metadata={"general.architecture": "bert", "tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]},
-        _reader=None,
     )
     with pytest.raises(TokenizerError, match="'bert'") as excinfo:
         Tokenizer.from_gguf(fake)
@@ -476,9 +475,9 @@ def test_unsupported_gguf_tokenizer_model_is_named():
 
 
 def test_gguf_without_tokenizer_fields():
-    fake = GGUFFile(path=Path("y.gguf"), metadata={"tokenizer.ggml.model": "gpt2"}, _reader=None)
+    fake = GGUFFile(path=Path("y.gguf"), metadata={"tokenizer.ggml.model": "gpt2"})
     with pytest.raises(TokenizerError, match="tokenizer.ggml.tokens"):
         Tokenizer.from_gguf(fake)
-    no_model = GGUFFile(path=Path("z.gguf"), metadata={"general.architecture": "llama"}, _reader=None)
+    no_model = GGUFFile(path=Path("z.gguf"), metadata={"general.architecture": "llama"})
     with pytest.raises(TokenizerError, match="tokenizer.ggml.model"):
         Tokenizer.from_gguf(no_model)
