@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from vlmlab.checkpoints.resolve import DEFAULT_LM
 from vlmlab.errors import InputError, VlmlabError
@@ -104,6 +105,56 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    import vlmlab
+    from vlmlab.data.scenes import SceneConfig
+    from vlmlab.eval.harness import BASELINES, evaluate, write_report
+
+    width, height = _parse_size(args.size)
+    config = SceneConfig.preset(args.preset, width=width, height=height)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    model = BASELINES[args.model]() if args.model in BASELINES else vlmlab.load(args.model)
+    err = Console(stderr=True)
+    bar_ids: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as progress:
+
+        def advance(k: int, total: int) -> None:
+            if "bar" not in bar_ids:
+                bar_ids["bar"] = progress.add_task(f"eval {args.model} on scenes/{args.split}", total=total)
+            progress.advance(bar_ids["bar"], k)
+
+        report = evaluate(model, split=args.split, n=args.n, tasks=tasks, config=config,
+                          max_new_tokens=args.max_new_tokens, name=args.model, with_chance=args.chance,
+                          progress=advance)
+    out = Path(args.out) if args.out else Path("vlmlab-eval") / f"{Path(args.model).name}-scenes-{args.split}"
+    json_path, png_path = write_report(report, out)
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+        return 0
+    table = Table(title=f"{args.model} on scenes/{args.split} ({args.n} samples per task, {report.seconds:.1f} s)")
+    for col in ("task", "answers", "score", *(("chance",) if report.chance else ())):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, score in report.scores.items():
+        is_caption = task.startswith("caption")
+        cells = [task, str(report.counts[task]), f"{score:.3f}" + (" CIDEr-D" if is_caption else "")]
+        if report.chance:
+            c = report.chance.get(task)
+            cells.append("-" if c is None else f"{c:.3f}")
+        table.add_row(*cells)
+    Console().print(table)
+    if report.overall is not None:
+        print(f"overall (mean over non-caption tasks): {report.overall:.3f}")
+    for key, value in report.extra.items():
+        print(f"{key}: {value:.3f}")
+    print(f"report: {json_path}" + (f", examples: {png_path}" if png_path else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmlab", description="Vision-language models in pure PyTorch.")
     parser.add_argument("--version", action="version", version=f"vlmlab {__import__('vlmlab').__version__}")
@@ -141,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--preset", choices=["easy", "medium", "hard"], default="medium", help="scene difficulty")
     synth.add_argument("--format", choices=["llava", "pairs"], default="llava")
     synth.set_defaults(func=_data_synth)
+
+    ev = sub.add_parser("eval", help="score a model on a benchmark (the synthetic scenes)")
+    ev.add_argument("--model", required=True,
+                    help="built-in name, folder or file; or a reference answerer: 'oracle' (answers from the "
+                         "scene graph, scores 100%%) or 'majority' (each task's most frequent train answer)")
+    ev.add_argument("--bench", choices=["scenes"], default="scenes")
+    ev.add_argument("--split", choices=["train", "val", "test", "compositional"], default="test")
+    ev.add_argument("--n", type=int, default=20, help="samples per task (default: 20)")
+    ev.add_argument("--tasks", default=None, help="comma-separated tasks (default: every task)")
+    ev.add_argument("--size", default="224x224", help="image size WxH (default: 224x224)")
+    ev.add_argument("--preset", choices=["easy", "medium", "hard"], default="medium", help="scene difficulty")
+    ev.add_argument("--max-new-tokens", type=int, default=96)
+    ev.add_argument("--chance", action="store_true", help="also report each task's chance level (blind majority)")
+    ev.add_argument("--out", default=None, help="report folder (default: vlmlab-eval/<model>-scenes-<split>)")
+    ev.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    ev.set_defaults(func=_eval)
     return parser
 
 
@@ -154,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlmlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`vlmlab ... | head`)
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":
