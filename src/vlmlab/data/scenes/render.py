@@ -48,16 +48,16 @@ UNIT_SHAPES: dict[str, tuple[tuple[float, float], ...] | None] = {
 _GRID = 64.0  # vertices are snapped to 1/64 px, so tiny libm differences cannot move a pixel
 
 
-def outline(shape: str, center: tuple[float, float], size_px: float, rotation: float) -> np.ndarray | None:
-    """Polygon vertices (k, 2) in pixels for a shape, or None for a circle."""
+def outline(shape: str, center: tuple[float, float], size_px: float, rotation: float) -> list[tuple[float, float]] | None:
+    """Polygon vertices in pixels (snapped to 1/64 px) for a shape, or None for a circle."""
     unit = UNIT_SHAPES[shape]
     if unit is None:
         return None
     a = math.radians(rotation)
     c, s = math.cos(a) * size_px / 2.0, math.sin(a) * size_px / 2.0
     cx, cy = center
-    verts = [(cx + c * x - s * y, cy + s * x + c * y) for x, y in unit]
-    return np.round(np.asarray(verts, dtype=np.float64) * _GRID) / _GRID
+    return [(round((cx + c * x - s * y) * _GRID) / _GRID, round((cy + s * x + c * y) * _GRID) / _GRID)
+            for x, y in unit]
 
 
 def extent(shape: str, size_px: float, rotation: float) -> tuple[float, float, float, float]:
@@ -94,24 +94,28 @@ def rasterize(shape: str, center: tuple[float, float], size_px: float, rotation:
         dy = np.arange(y0, y1, dtype=np.float64) + (0.5 - cy)
         mask = dy[:, None] ** 2 + dx[None, :] ** 2 <= r * r
     else:
-        x0, x1 = _span(verts[:, 0].min(), verts[:, 0].max(), width)
-        y0, y1 = _span(verts[:, 1].min(), verts[:, 1].max(), height)
-        px = np.arange(x0, x1, dtype=np.float64) + 0.5
+        xs = [v[0] for v in verts]
+        ys = [v[1] for v in verts]
+        x0, x1 = _span(min(xs), max(xs), width)
+        y0, y1 = _span(min(ys), max(ys), height)
+        # Even-odd rule at pixel centres: a pixel is inside when an odd number of edges cross its
+        # row to the right of its centre. Per edge (xa, ya) -> (xb, yb): where it meets each row.
+        k = len(verts)
+        edges = np.array([(xs[i], ys[i], ys[(i + 1) % k],
+                           (xs[(i + 1) % k] - xs[i]) / (ys[(i + 1) % k] - ys[i]) if ys[(i + 1) % k] != ys[i] else 0.0)
+                          for i in range(k)])
+        xa, ya, yb, slope = (edges[:, j:j + 1] for j in range(4))  # each (k, 1)
         py = np.arange(y0, y1, dtype=np.float64) + 0.5
-        xa, ya = verts[:, 0:1], verts[:, 1:2]  # (k, 1): edge starts
-        nxt = np.roll(verts, -1, axis=0)
-        xb, yb = nxt[:, 0:1], nxt[:, 1:2]  # edge ends
-        crosses = (ya > py) != (yb > py)  # (k, h): the edge spans this row's centre line
-        dy = np.where(yb == ya, 1.0, yb - ya)
-        xcut = xa + (py - ya) * (xb - xa) / dy  # (k, h): where the edge meets the row
-        hits = crosses[:, :, None] & (px[None, None, :] < xcut[:, :, None])  # (k, h, w)
-        mask = (hits.sum(axis=0) & 1).astype(bool)
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
+        xcut = xa + (py - ya) * slope  # (k, h)
+        xcut[(ya > py) == (yb > py)] = -np.inf  # the edge does not span this row
+        px = np.arange(x0, x1, dtype=np.float64) + 0.5
+        mask = np.logical_xor.reduce(px < xcut[:, :, None], axis=0)
+    rows, cols = mask.any(axis=1), mask.any(axis=0)
+    if not rows.any():
         return x0, y0, np.zeros((0, 0), dtype=bool)
-    mask = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    return x0 + int(cols[0]), y0 + int(rows[0]), np.ascontiguousarray(mask)
+    r0, r1 = int(rows.argmax()), len(rows) - int(rows[::-1].argmax())
+    c0, c1 = int(cols.argmax()), len(cols) - int(cols[::-1].argmax())
+    return x0 + c0, y0 + r0, np.ascontiguousarray(mask[r0:r1, c0:c1])
 
 
 # --- bitmap font ---------------------------------------------------------------------------------

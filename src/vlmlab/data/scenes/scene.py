@@ -303,6 +303,13 @@ class Scene:
                 continue
         raise unsatisfiable_error("scene", seed, config)
 
+    def __getstate__(self) -> dict:
+        # Across processes (DataLoader workers) send the graph and the finished image only; masks
+        # and other intermediates are recomputed on demand, which is far cheaper than pickling them.
+        state = dict(self.__dict__)
+        state["_cache"] = {"image": self._cache["image"]} if "image" in self._cache else {}
+        return state
+
     # -- pixels --
 
     def _rasters(self) -> list[tuple[int, int, np.ndarray]]:
@@ -321,7 +328,8 @@ class Scene:
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 pixels and (H, W) uint8 labels (0 = no object, i + 1 = object i)."""
         if "pixels" not in self._cache:
-            rgb = np.repeat(self._background()[:, :, None], 3, axis=2)
+            bg = self._background()
+            rgb = np.stack((bg, bg, bg), axis=2)
             labels = np.zeros((self.height, self.width), dtype=np.uint8)
             for x, y, side, grey in self.specks:
                 rgb[y:y + side, x:x + side] = grey

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from bisect import bisect_right
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterable, Mapping, Sequence
@@ -40,8 +42,8 @@ QA = tuple[str, str, Answer]  # question text, answer text, ground truth
 
 # --- phrasing -----------------------------------------------------------------------------------
 
-# Every question and prompt template, by task. `{p}` plural noun phrase, `{s}` singular with
-# article, `{d}` / `{a}` / `{b}` referring expressions, `{box}` a box in coords.format_box form.
+# Every question and prompt template, by task. `{p}` plural noun phrase, `{one}` singular, `{s}`
+# singular with article, `{d}` / `{a}` / `{b}` referring expressions, `{box}` a box in coords.format_box form.
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "count": ("How many {p} are there?", "How many {p} are in the image?", "Count the {p}.",
               "What is the number of {p}?"),
@@ -67,7 +69,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "ground": ("Where is the {d}?", "Give the bounding box of the {d}.", "Locate the {d}.",
                "Find the {d} and give its box."),
     "refer": ("Describe the object in {box}.", "What object is in the region {box}?", "Name the object inside {box}."),
-    "point": ("Point to every {p}.", "Point to all {p}.", "Where are the {p}? Point to them."),
+    "point": ("Point to every {one}.", "Point to all {p}.", "Where are the {p}? Point to them."),
     "multi_image_more": ("Which image has more {p}, the first or the second?",
                          "Are there more {p} in the first image or in the second?"),
     "multi_image_both": ("Is there {s} in both images?", "Do both images contain {s}?"),
@@ -351,7 +353,7 @@ def point_on(scene: Scene, i: int) -> tuple[float, float]:
 def point_qa(ctx: TaskContext, scene: Scene, q: Query, image: int = 0) -> QA:
     """Point to every object of a query (left to right); "There are none." when nothing matches."""
     targets = sorted((i for i, o in enumerate(scene.objects) if q.matches(o)), key=lambda i: scene.objects[i].center)
-    question = ctx.pick(TEMPLATES["point"]).format(p=q.phrase())
+    question = ctx.pick(TEMPLATES["point"]).format(p=q.phrase(), one=q.phrase(1))
     if not targets:
         return question, NO_POINTS, Answer("point", "points", [], image)
     pts = [point_on(scene, i) for i in targets]
@@ -873,46 +875,65 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
+# A question with its specifics blanked out: what a blind model can condition on.
+_SPECIFICS = re.compile(r"\b(?:%s)s?\b|\(\d+,\d+\),\(\d+,\d+\)|\b[A-Z0-9]{2,}\b|<image>\n" % "|".join(
+    COLOR_NAMES + SHAPES + SIZES))
+
+
+def blind_question(question: str) -> str:
+    """The question's wording without its colours, shapes, sizes, written words and boxes: every
+    referring expression becomes one "_" (so "Is there an orange circle?" -> "Is there a _?")."""
+    q = _SPECIFICS.sub("_", question)
+    q = re.sub(r"_(?: _)+", "_", q)
+    return re.sub(r"\ban (?=_)", "a ", q)
+
+
 def chance_levels(n: int = 300, split: str = "val", config: SceneConfig | None = None,
                   tasks: Iterable[str] | None = None) -> dict[str, dict]:
     """What a blind model scores per task, over samples 0..n-1 of a split.
 
-    vqa / anls: accuracy of always giving the most frequent answer (majority class). points: the
-    share of "none" answers (always saying "There are none."). box: the best hit rate (IoU >= 0.5)
-    of any single constant box (tried: every target box, in image-relative coordinates). caption:
-    None (no constant answer to speak of). multi_turn is left out (its turns are other tasks).
-    Returns {task: {"kind", "chance", "majority", "n"}}.
+    chance: vqa / anls: accuracy of always giving the most frequent answer (majority class).
+    points: the share of "none" answers (always saying "There are none."). box: the best hit rate
+    (IoU >= 0.5) of any single constant box (tried: every target box, in image-relative
+    coordinates). caption: None. question_chance (vqa / anls): the majority answer per question
+    wording with colours, shapes, sizes, words and boxes blanked out (`blind_question`), i.e. a
+    blind model that reads the question's form. multi_turn is left out (its turns are other tasks).
+    Returns {task: {"kind", "chance", "question_chance", "majority", "n"}}.
     """
     names = list(tasks) if tasks is not None else [t for t in TASKS if t != "multi_turn"]
     out: dict[str, dict] = {}
     for task in names:
-        answers: list[tuple[Answer, int, int]] = []
+        answers: list[tuple[Answer, str, int, int]] = []
         for i in range(n):
             s = generate_sample(task, i, split, config)
-            for a in s.answers:
-                sc = s.scenes[a.image]
-                answers.append((a, sc.width, sc.height))
+            for user, bot in zip(s.turns[::2], s.turns[1::2]):
+                sc = s.scenes[bot.answer.image]
+                answers.append((bot.answer, blind_question(user.text), sc.width, sc.height))
         kind = answers[0][0].kind
-        majority = None
+        majority = question_chance = None
         if kind in ("vqa", "anls"):
-            freq: dict[str, int] = {}
-            for a, _, _ in answers:
-                freq[a.value] = freq.get(a.value, 0) + 1
-            majority = max(freq, key=lambda v: (freq[v], v))
-            chance = freq[majority] / len(answers)
+            freq = Counter(a.value for a, _, _, _ in answers)
+            majority, top = max(freq.items(), key=lambda kv: (kv[1], kv[0]))
+            chance = top / len(answers)
+            per_form: dict[str, Counter] = {}
+            for a, form, _, _ in answers:
+                per_form.setdefault(form, Counter())[a.value] += 1
+            question_chance = sum(max(c.values()) for c in per_form.values()) / len(answers)
         elif kind == "points":
-            chance = sum(1 for a, _, _ in answers if not a.value) / len(answers)
+            chance = sum(1 for a, _, _, _ in answers if not a.value) / len(answers)
         elif kind == "box":
-            boxes = np.array([[a.value[0] / w, a.value[1] / h, a.value[2] / w, a.value[3] / h] for a, w, h in answers])
+            boxes = np.array([[a.value[0] / w, a.value[1] / h, a.value[2] / w, a.value[3] / h]
+                              for a, _, w, h in answers])
             chance = float((_iou(boxes, boxes) >= 0.5).mean(axis=1).max())
         else:
             chance = None
-        out[task] = {"kind": kind, "chance": chance, "majority": majority, "n": len(answers)}
+        out[task] = {"kind": kind, "chance": chance, "question_chance": question_chance, "majority": majority,
+                     "n": len(answers)}
     return out
 
 
 __all__ = [
     "CLASSES", "DEFAULT_MIX", "FAMILIES", "FAMILY_OF", "NO_POINTS", "QA", "Query", "REFERENCE_LEVELS", "TASKS",
-    "TEMPLATES", "TaskContext", "TaskMix", "caption_refs", "chance_levels", "class_names", "classification_label",
+    "TEMPLATES", "TaskContext", "TaskMix", "blind_question", "caption_refs", "chance_levels", "class_names", "classification_label",
     "classification_sample", "describe", "generate_sample", "image_text_pair", "point_on", "relation",
 ]
