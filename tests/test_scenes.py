@@ -548,3 +548,20 @@ def test_stream_is_deterministic_and_sharded():
         if len(got) >= 12:
             break
     assert sorted(_ids_and_bytes(got)) == sorted(_ids_and_bytes(first))
+
+
+def test_docs_show_the_current_examples():
+    """docs/scenes.md and docs/images hold exactly what the example generator produces now."""
+    from PIL import Image
+
+    from vlmlab.data.scenes.examples import EXAMPLES, conversation_text, example_samples, image_names
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    text = (docs / "scenes.md").read_text()
+    for (task, _, _), sample in zip(EXAMPLES, example_samples()):
+        check_sample(sample)
+        assert f"```text\n{conversation_text(sample)}\n```" in text, f"docs/scenes.md shows an outdated {task} example"
+        for name, image in zip(image_names(task, sample), sample.images):
+            assert f"(images/{name})" in text
+            with Image.open(docs / "images" / name) as f:
+                assert f.convert("RGB").tobytes() == image.tobytes(), f"docs/images/{name} is outdated"
