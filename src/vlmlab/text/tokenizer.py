@@ -149,12 +149,31 @@ class Tokenizer:
             raise InputError(f"tokenizer input must be a str, got {type(text).__name__}")
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-        """`encode` on each text (in parallel threads inside `tokenizers`)."""
+    def encode_batch(
+        self, texts: list[str], add_special_tokens: bool = False, max_length: int | None = None
+    ) -> list[list[int]]:
+        """`encode` on each text (in parallel threads inside `tokenizers`).
+
+        max_length: cut each text's tokens from the right so that, with the special tokens the
+        post-processor adds ([CLS] ... [SEP]), at most `max_length` ids remain; the special tokens
+        are kept, as transformers' `truncation=True, max_length=...` does."""
         for text in texts:
             if not isinstance(text, str):
                 raise InputError(f"tokenizer input must be a list of str, got an item of type {type(text).__name__}")
-        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        if max_length is None:
+            return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        processor = self._backend.post_processor if add_special_tokens else None
+        added = processor.num_special_tokens_to_add(False) if processor is not None else 0
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= added:
+            raise InputError(f"max_length must be an integer above {added} (the special tokens added), got {max_length!r}")
+        encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
+        out = []
+        for encoding in encodings:
+            encoding.truncate(max_length - added)
+            if processor is not None:
+                encoding = processor.process(encoding)
+            out.append(encoding.ids)
+        return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids` (a list, or anything iterable of ints such as a 1-D tensor)."""
@@ -221,6 +240,10 @@ class Tokenizer:
             backend = BackendTokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # tokenizers raises its own exception types for bad JSON / schema
             raise TokenizerError(f"{tokenizer_file}: not a valid tokenizer.json ({e})") from None
+        # A tokenizer.json may store truncation and padding settings (all-MiniLM-L6-v2's pads every
+        # text to 128 tokens). Like transformers, encoding ignores them; callers ask for a max_length.
+        backend.no_truncation()
+        backend.no_padding()
 
         config = read_json(folder / "tokenizer_config.json", optional=True, error=TokenizerError)
         token_map = read_json(folder / "special_tokens_map.json", optional=True, error=TokenizerError)
