@@ -28,10 +28,12 @@ FAMILIES = {
 }
 
 
-def build(family: str, folder: Path, eos: int = EOS, seed: int = 0):
+def build(family: str, folder: Path, eos: int = EOS, seed: int = 0, vocab_size: int = TEXT["vocab_size"]):
     hf_cfg_cls, hf_cls, _, _ = FAMILIES[family]
     torch.manual_seed(seed)
-    text = {**TEXT, "eos_token_id": eos} if family == "clip" else dict(TEXT)
+    text = {**TEXT, "vocab_size": vocab_size}
+    if family == "clip":
+        text["eos_token_id"] = eos
     extra = {"projection_dim": 16} if family == "clip" else {}
     hf = hf_cls(hf_cfg_cls(text_config=text, vision_config=dict(VISION), **extra)).eval()
     with torch.no_grad():  # SigLIP initialises the scale and bias at 0; make them matter

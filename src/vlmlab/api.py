@@ -16,11 +16,15 @@ from vlmlab.checkpoints.resolve import resolve
 from vlmlab.errors import ConfigError, ModelNotFoundError, UnknownArchitectureError
 from vlmlab.infer.lm import LanguageModel
 from vlmlab.nn.quant import int4_kernel_available
+from vlmlab.infer.dual import DualEncoder, TextInputs
+from vlmlab.models import clip, lit, siglip
 from vlmlab.text import llama
 from vlmlab.text.tokenizer import Tokenizer
+from vlmlab.vision.preprocess import ImageProcessor
 
 # HF `architectures` value -> family module providing its config and network.
 ARCHITECTURES = {name: llama for name in llama.HF_ARCHITECTURES}
+DUAL_ARCHITECTURES = {name: family for family in (clip, siglip, lit) for name in family.HF_ARCHITECTURES}
 GGUF_ARCHITECTURES = {name: llama for name in llama.GGUF_ARCHITECTURES}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,11 +61,15 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> LanguageModel:
     archs = [archs] if isinstance(archs, str) else archs
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ConfigError(f"{folder / 'config.json'}: 'architectures' must be a list of names, got {archs!r}")
+    dual = next((DUAL_ARCHITECTURES[a] for a in archs if a in DUAL_ARCHITECTURES), None)
+    if dual is not None:
+        return _load_dual(folder, config, dual, dtype)
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if family is None:
+        supported = sorted({*ARCHITECTURES, *DUAL_ARCHITECTURES})
         raise UnknownArchitectureError(
             f"{folder / 'config.json'}: architecture {', '.join(archs) or '(none given)'} is not supported "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+            f"(supported: {', '.join(supported)})"
         )
     try:
         cfg = family.LlamaConfig.from_hf(config)
@@ -73,12 +81,42 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> LanguageModel:
     return LanguageModel(net, Tokenizer.from_folder(folder), name=folder.name)
 
 
+def _load_dual(folder: Path, config: dict, family, dtype: torch.dtype) -> DualEncoder:
+    """A CLIP / SigLIP / LiT folder: network, image processor, tokenizer."""
+    try:
+        cfg = family.Net.Config.from_hf(config)
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+    tensors, origin = read_safetensors(folder)
+    net = family.Net(cfg)
+    net.load_hf_tensors(tensors, origin, dtype)
+    return dual_encoder(net, family, folder)
+
+
+def dual_encoder(net, family, folder: Path | None = None, name: str | None = None) -> DualEncoder:
+    """Wrap a dual-encoder network with its image processor (the folder's preprocessor_config.json,
+    or the family's default at the model's image size) and text inputs (the folder's tokenizer, or
+    the locked text tower's own)."""
+    cfg = net.cfg
+    if folder is not None and (folder / "preprocessor_config.json").is_file():
+        processor = ImageProcessor.from_folder(folder)
+    else:
+        processor = getattr(ImageProcessor, family.PROCESSOR)(cfg.vision.image_size)
+    if hasattr(net, "text_tokenizer"):  # a locked pretrained text tower brings its own (LiT)
+        tokenizer, max_length = net.text_tokenizer()
+    else:
+        tokenizer, max_length = Tokenizer.from_folder(folder), cfg.text.max_position_embeddings
+    text = TextInputs(tokenizer, max_length, pad_to_max_length=family.PAD_TO_MAX_LENGTH,
+                      attention_mask=not family.PAD_TO_MAX_LENGTH)
+    return DualEncoder(net, text, processor, name=name or (folder.name if folder else "model"), source=folder)
+
+
 QUANTIZATIONS = ("none", "int4")
 
 
 def load(
     name_or_path: str | Path, *, dtype: str | torch.dtype | None = None, quantization: str | None = None
-) -> LanguageModel:
+) -> LanguageModel | DualEncoder:
     """Load a model by built-in name (`smollm2`), HF folder or .gguf file, fully offline.
 
     quantization="int4" keeps a GGUF's 4-bit (Q4_0/Q4_1) layer weights in 4 bits and multiplies

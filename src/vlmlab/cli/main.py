@@ -105,6 +105,67 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dual_encoder(name: str):
+    import vlmlab
+
+    model = vlmlab.load(name)
+    if getattr(model, "kind", None) != "dual-encoder":
+        raise InputError(f"model {name!r} is a {getattr(model, 'kind', type(model).__name__)}, not a dual encoder "
+                         "(CLIP / SigLIP); embed and classify need one")
+    return model
+
+
+def _embed(args: argparse.Namespace) -> int:
+    model = _dual_encoder(args.model)
+    if (args.image is None) == (args.text is None):
+        raise InputError("give exactly one of --image FILE or --text TEXT")
+    emb = model.embed_image([args.image]) if args.image is not None else model.embed_text([args.text])
+    vector = emb[0].tolist()
+    if args.json:
+        print(json.dumps({"embedding": vector, "dim": len(vector)}))
+    else:
+        print(f"{len(vector)}-d, L2-normalised: " + " ".join(f"{v:.4f}" for v in vector[:8]) + " ...")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    model = _dual_encoder(args.model)
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    templates = args.template or ["a photo of a {}."]
+    probs = model.classify([args.image], labels, templates=templates)[0].tolist()
+    ranked = sorted(zip(labels, probs), key=lambda lp: -lp[1])
+    if args.json:
+        print(json.dumps({"label": ranked[0][0], "probs": dict(zip(labels, probs))}, ensure_ascii=False))
+    else:
+        for label, p in ranked:
+            print(f"{p:7.3f}  {label}")
+    return 0
+
+
+def _train_clip(args: argparse.Namespace) -> int:
+    import vlmlab
+    from vlmlab.api import dual_encoder
+    from vlmlab.models import lit
+    from vlmlab.train.clip import ClipRecipe, train_clip
+    from vlmlab.train.trainer import TrainConfig
+
+    if args.init and args.arch:
+        raise InputError("give --init (continue a model) or --arch (a new LiT model), not both")
+    if args.init:
+        model = _dual_encoder(args.init)
+    else:
+        model = dual_encoder(lit.LiTNet.new(args.arch or "scenes-clip", seed=args.seed), lit, name=args.arch)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                      warmup_steps=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
+                      log_every=args.log_every, save_every=args.save_every, seed=args.seed)
+    recipe = ClipRecipe(data=args.data, loss=args.loss, lock_image=args.lock_image, lock_text=args.lock_text,
+                        scene_size=args.scene_size)
+    logged = train_clip(model, recipe, cfg, args.out, resume=args.resume)
+    if logged:
+        print(f"step {logged[-1]['step']}: loss {logged[-1]['loss']:.4f}; model written to {Path(args.out) / 'model'}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -192,6 +253,48 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--preset", choices=["easy", "medium", "hard"], default="medium", help="scene difficulty")
     synth.add_argument("--format", choices=["llava", "pairs"], default="llava")
     synth.set_defaults(func=_data_synth)
+
+    emb = sub.add_parser("embed", help="embed an image or a text with a dual encoder (CLIP, SigLIP)")
+    emb.add_argument("--model", required=True, help="built-in name or HF folder")
+    emb.add_argument("--image", default=None, help="image file")
+    emb.add_argument("--text", default=None)
+    emb.add_argument("--json", action="store_true", help='print {"embedding": [...], "dim": N}')
+    emb.set_defaults(func=_embed)
+
+    cls = sub.add_parser("classify", help="zero-shot classification of an image with a dual encoder")
+    cls.add_argument("--model", required=True, help="built-in name or HF folder")
+    cls.add_argument("--image", required=True, help="image file")
+    cls.add_argument("--labels", required=True, help='comma-separated labels, e.g. "cat,dog,car"')
+    cls.add_argument("--template", action="append", default=None,
+                     help='prompt template with {} for the label (repeatable: templates are ensembled; '
+                          'default "a photo of a {}.")')
+    cls.add_argument("--json", action="store_true", help='print {"label": best, "probs": {label: p, ...}}')
+    cls.set_defaults(func=_classify)
+
+    tr = sub.add_parser("train", help="train a model")
+    tr_sub = tr.add_subparsers(dest="train_command", required=True)
+    tc = tr_sub.add_parser("clip", help="contrastive training of a dual encoder (CLIP, SigLIP, LiT)")
+    tc.add_argument("--data", default="scenes", help="'scenes' (generated on the fly) or an image-caption "
+                                                      "JSONL file / folder (vlmlab data synth --format pairs)")
+    tc.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl, loss.png, model/")
+    tc.add_argument("--init", default=None, help="start from this dual encoder (name or HF folder)")
+    tc.add_argument("--arch", default=None, help="a new LiT model: ViT preset (default: scenes-clip)")
+    tc.add_argument("--steps", type=int, default=1000)
+    tc.add_argument("--batch-size", type=int, default=64, help="global batch per optimiser step")
+    tc.add_argument("--grad-accum", type=int, default=1)
+    tc.add_argument("--lr", type=float, default=1e-3)
+    tc.add_argument("--warmup", type=int, default=50)
+    tc.add_argument("--weight-decay", type=float, default=0.1)
+    tc.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    tc.add_argument("--loss", choices=["infonce", "sigmoid"], default="infonce")
+    tc.add_argument("--lock-image", action="store_true", help="freeze the image tower and its projection")
+    tc.add_argument("--lock-text", action="store_true", help="freeze the text tower and its projection (LiT)")
+    tc.add_argument("--scene-size", type=int, default=224)
+    tc.add_argument("--log-every", type=int, default=10)
+    tc.add_argument("--save-every", type=int, default=100)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    tc.set_defaults(func=_train_clip)
 
     ev = sub.add_parser("eval", help="score a model on a benchmark (the synthetic scenes)")
     ev.add_argument("--model", required=True,

@@ -21,6 +21,8 @@ from vlmlab.text.text_encoder import TextEncoderConfig, TextTransformer
 from vlmlab.vision.vit import ViTConfig, VisionTransformer
 
 HF_ARCHITECTURES = ("CLIPModel",)
+PROCESSOR = "clip"  # which `ImageProcessor` preset a folder without preprocessor_config.json gets
+PAD_TO_MAX_LENGTH = False  # pools at the end-of-text token: pad to the longest text
 
 # HF's defaults for fields a config.json may leave out.
 VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -63,6 +65,8 @@ class CLIPConfig:
 
 
 class CLIPNet(DualEncoderNet):
+    Config = CLIPConfig
+
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg
@@ -93,3 +97,6 @@ HF_KEY_MAP: KeyMap = [(r"\.self_attn\.out_proj\.", ".self_attn.o_proj.")]
 TO_HF_KEY_MAP: KeyMap = [(r"\.self_attn\.o_proj\.", ".self_attn.out_proj.")]
 # Legacy checkpoints stored the position-id buffers; we compute positions instead.
 HF_IGNORED = [r"^(text|vision)_model\.embeddings\.position_ids$"]
+
+# The family's network class, for `vlmlab.load`.
+Net = CLIPNet

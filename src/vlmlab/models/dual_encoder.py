@@ -34,5 +34,8 @@ class DualEncoderNet(nn.Module):
         return out if bias is None else out + bias
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logits(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
+                attention_mask: torch.Tensor | None = None, *, features: bool = False):
+        """logits_per_image, or with features=True the two embeddings (what a training loss needs;
+        training calls forward, not encode_*, so that DDP sees the call)."""
+        img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+        return (img, txt) if features else self.logits(img, txt)

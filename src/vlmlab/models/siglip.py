@@ -24,6 +24,8 @@ from vlmlab.text.text_encoder import TextEncoderConfig, TextTransformer
 from vlmlab.vision.vit import ViTConfig, VisionTransformer
 
 HF_ARCHITECTURES = ("SiglipModel",)
+PROCESSOR = "siglip"
+PAD_TO_MAX_LENGTH = True  # pools the last position: every text padded to the trained length, unmasked
 
 VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
@@ -65,6 +67,8 @@ class SiglipConfig:
 
 
 class SiglipNet(DualEncoderNet):
+    Config = SiglipConfig
+
     probability = "sigmoid"
 
     def __init__(self, cfg: SiglipConfig):
@@ -121,3 +125,6 @@ def join_in_proj(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         parts = [out.pop(f"{HEAD_ATTN}.{name}.{kind}") for name in ("q_proj", "k_proj", "v_proj")]
         out[f"{HEAD_ATTN}.in_proj_{kind}"] = torch.cat(parts)
     return out
+
+# The family's network class, for `vlmlab.load`.
+Net = SiglipNet

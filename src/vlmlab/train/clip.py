@@ -1,0 +1,123 @@
+"""Contrastive training of dual encoders (`vlmlab train clip`): CLIP / SigLIP from a folder, or a
+new LiT model (a ViT from scratch against the locked MiniLM text tower, as `scenes-clip` is).
+
+Data is either the synthetic scenes, generated on the fly, or an image-caption JSONL folder
+(`vlmlab data synth --format pairs`, or your own). Both are indexed by position in the run, so a
+resumed run sees exactly the batches it would have seen.
+
+Scenes batches mix two kinds of pairs: single-object scenes described by their class
+("a photo of a small red circle.", in a few phrasings, which is what zero-shot classification
+asks) and full scenes with one of their reference captions (positions, sizes, counts, words).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from vlmlab.data.scenes import SceneConfig, generate_sample
+from vlmlab.data.scenes.scene import derive_seed
+from vlmlab.errors import ConfigError, DataError
+from vlmlab.infer.dual import DualEncoder
+from vlmlab.train.losses import ContrastiveLoss, clamp_logit_scale
+from vlmlab.train.trainer import TrainConfig, Trainer
+
+CLASS_PHRASES = ("a photo of a {}.", "a {}.", "{}", "an image of a {}.", "a picture with a {}.")
+
+
+def scenes_pair(index: int, split: str = "train", config: SceneConfig | None = None) -> tuple[Any, str]:
+    """The index-th training pair of the scenes: (PIL image, text). Deterministic."""
+    rng = random.Random(derive_seed("clip-pair", index))
+    if index % 2 == 0:
+        s = generate_sample("classify", index // 2, split, config)
+        obj = s.scenes[0].objects[0]
+        label = f"{obj.size} {obj.color} {obj.shape}" if rng.random() < 0.5 else f"{obj.color} {obj.shape}"
+        return s.images[0], rng.choice(CLASS_PHRASES).format(label)
+    task = "caption_detailed" if rng.random() < 0.5 else "caption_short"
+    s = generate_sample(task, index // 2, split, config)
+    return s.images[0], rng.choice(s.turns[-1].answer.value)
+
+
+class PairsFolder:
+    """An image-caption JSONL file read once; pair i of epoch e is a fixed permutation of it."""
+
+    def __init__(self, path: str | Path, seed: int = 0):
+        from vlmlab.data.pairs import read_pairs
+
+        path = Path(path)
+        file = path / "pairs.jsonl" if path.is_dir() else path
+        self.pairs = read_pairs(file)
+        if not self.pairs:
+            raise DataError(f"{file}: no image-caption pairs")
+        self.seed = seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __call__(self, index: int) -> tuple[Any, str]:
+        epoch, i = divmod(index, len(self.pairs))
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))}
+        pair = self.pairs[int(self._orders[epoch][i])]
+        return pair.image, pair.caption
+
+
+@dataclass
+class ClipRecipe:
+    """What `vlmlab train clip` needs besides the generic TrainConfig."""
+
+    data: str = "scenes"  # "scenes" or a folder / .jsonl of image-caption pairs
+    loss: str = "infonce"  # infonce | sigmoid
+    lock_image: bool = False
+    lock_text: bool = False
+    scene_size: int = 224
+
+
+def batch_fn(model: DualEncoder, pair_at: Callable[[int], tuple[Any, str]], batch_size: int):
+    """data(step, micro, rank, world, size): this rank's slice of the global batch of `step`."""
+
+    def data(step: int, micro: int, rank: int, world: int, size: int):
+        start = step * batch_size + (micro * world + rank) * size
+        images, texts = zip(*(pair_at(i) for i in range(start, start + size)))
+        ids, mask = model.text_inputs(list(texts))
+        return model.processor(list(images)), ids, mask
+
+    return data
+
+
+def train_clip(model: DualEncoder, recipe: ClipRecipe, cfg: TrainConfig, out: str | Path, *,
+               resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Train `model.net` contrastively; writes checkpoints, metrics.jsonl, loss.png and, at the
+    end, the model folder (`out/model`)."""
+    net = model.net
+    groups = dict(cfg.param_groups)
+    if recipe.lock_image:
+        groups.update({"vision_model": 0.0, "visual_projection": 0.0})
+    if recipe.lock_text:
+        groups.update({"text_model": 0.0, "text_projection": 0.0})
+    cfg.param_groups = groups
+    if recipe.data == "scenes":
+        scene_cfg = SceneConfig(width=recipe.scene_size, height=recipe.scene_size)
+        pair_at = lambda i: scenes_pair(i, "train", scene_cfg)  # noqa: E731
+    else:
+        pair_at = PairsFolder(recipe.data, cfg.seed)
+    loss_fn = ContrastiveLoss(recipe.loss)
+    if recipe.loss == "sigmoid" and getattr(net, "logit_bias", None) is None:
+        raise ConfigError("the sigmoid (SigLIP) loss needs a model with a logit_bias (a SigLIP model)")
+
+    def step_fn(m, batch):
+        pixels, ids, mask = batch
+        img, txt = m(pixels, ids, mask, features=True)
+        return loss_fn(img, txt, net.logit_scale, getattr(net, "logit_bias", None)), {"logit_scale": float(net.logit_scale.detach().exp())}
+
+    net.requires_grad_(True)
+    trainer = Trainer(net, step_fn, batch_fn(model, pair_at, cfg.batch_size), cfg, out,
+                      after_step=lambda m: clamp_logit_scale(net.logit_scale))
+    logged = trainer.fit(resume=resume, progress=progress)
+    net.requires_grad_(False)
+    if trainer.is_main:
+        model.save(Path(out) / "model")
+    return logged

@@ -1,0 +1,81 @@
+"""Contrastive losses for dual encoders, on one process or many.
+
+InfoNCE (CLIP): a softmax over the batch in both directions (image -> its text among all texts,
+text -> its image), averaged. The temperature is learned as `logit_scale` (logits are
+`exp(logit_scale) * cosine`); CLIP clamps it so exp(logit_scale) <= 100 (`clamp_logit_scale`,
+applied after each optimiser step).
+
+Sigmoid (SigLIP): every image-text pair is a binary decision, positive on the diagonal,
+with a learned scale and bias: loss = -sum_ij log sigmoid(z_ij * (exp(s) x_i.y_j + b)) / n_images.
+
+Distributed (open_clip's options): with `gather=True` each process gathers every process's
+features *with gradient* (`torch.distributed.nn.all_gather`), so negatives come from the global
+batch; with `local_loss=True` each process scores only its own rows against all columns, which
+costs less and, once DDP averages the gradients, gives exactly the gradient of the global loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def clamp_logit_scale(logit_scale: torch.Tensor, max_value: float = MAX_LOGIT_SCALE) -> None:
+    """CLIP's clamp of the learned temperature, in place: 0 <= logit_scale <= ln(100)."""
+    with torch.no_grad():
+        logit_scale.clamp_(0.0, max_value)
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dnn
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(dnn.all_gather(x), dim=0)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class ContrastiveLoss(nn.Module):
+    """kind: "infonce" (CLIP) or "sigmoid" (SigLIP). Features need not be normalised."""
+
+    def __init__(self, kind: str = "infonce", *, gather: bool = True, local_loss: bool = True):
+        super().__init__()
+        if kind not in ("infonce", "sigmoid"):
+            raise ValueError(f"loss kind {kind!r}: expected 'infonce' or 'sigmoid'")
+        self.kind, self.gather, self.local_loss = kind, gather, local_loss
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+        img = F.normalize(image_features.float(), dim=-1)
+        txt = F.normalize(text_features.float(), dim=-1)
+        n = img.shape[0]
+        if self.gather:
+            all_img, all_txt = _gather(img), _gather(txt)
+        else:
+            all_img, all_txt = img, txt
+        if self.local_loss or all_img.shape[0] == n:
+            rows_img, rows_txt, offset = img, txt, _rank() * n if all_img.shape[0] != n else 0
+        else:
+            rows_img, rows_txt, offset = all_img, all_txt, 0
+        scale = logit_scale.float().exp()
+        logits_img = scale * rows_img @ all_txt.T  # (rows, all)
+        targets = torch.arange(rows_img.shape[0], device=img.device) + offset
+        if self.kind == "infonce":
+            logits_txt = scale * rows_txt @ all_img.T
+            return (F.cross_entropy(logits_img, targets) + F.cross_entropy(logits_txt, targets)) / 2
+        if logit_bias is not None:
+            logits_img = logits_img + logit_bias.float()
+        labels = -torch.ones_like(logits_img)
+        labels[torch.arange(rows_img.shape[0], device=img.device), targets] = 1.0
+        return -F.logsigmoid(labels * logits_img).sum() / rows_img.shape[0]
