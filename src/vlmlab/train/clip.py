@@ -28,17 +28,22 @@ from vlmlab.train.losses import ContrastiveLoss, clamp_logit_scale
 from vlmlab.train.trainer import TrainConfig, Trainer
 
 CLASS_PHRASES = ("a photo of a {}.", "a {}.", "{}", "an image of a {}.", "a picture with a {}.")
+COLOR_PHRASES = ("a photo of a {} object.", "something {}.", "a {} shape.")
 
 
 def scenes_pair(index: int, split: str = "train", config: SceneConfig | None = None) -> tuple[Any, str]:
     """The index-th training pair of the scenes: (PIL image, text). Deterministic."""
     rng = random.Random(derive_seed("clip-pair", index))
-    if index % 2 == 0:
+    if index % 2 == 0:  # one object, named by some of its attributes
         s = generate_sample("classify", index // 2, split, config)
         obj = s.scenes[0].objects[0]
-        label = f"{obj.size} {obj.color} {obj.shape}" if rng.random() < 0.5 else f"{obj.color} {obj.shape}"
+        r = rng.random()
+        if r < 0.15:
+            return s.images[0], rng.choice(COLOR_PHRASES).format(obj.color)
+        label = (obj.shape if r < 0.3 else f"{obj.color} {obj.shape}" if r < 0.65
+                 else f"{obj.size} {obj.color} {obj.shape}")
         return s.images[0], rng.choice(CLASS_PHRASES).format(label)
-    task = "caption_detailed" if rng.random() < 0.5 else "caption_short"
+    task = "caption_detailed" if rng.random() < 0.3 else "caption_short"
     s = generate_sample(task, index // 2, split, config)
     return s.images[0], rng.choice(s.turns[-1].answer.value)
 

@@ -44,7 +44,7 @@ class ViTConfig:
     class_token: bool = True  # CLIP: a [class] token first; SigLIP: none
     pre_norm: bool = True  # CLIP's `pre_layrnorm` after the embeddings
     patch_bias: bool = False  # SigLIP's patch embedding has a bias
-    pooling: str = "cls"  # "cls" (CLIP), "map" (SigLIP attention probe), "none"
+    pooling: str = "cls"  # "cls" (CLIP), "map" (SigLIP attention probe), "mean" (of the patch tokens), "none"
 
     HF_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
                  "image_size", "patch_size", "hidden_act", "layer_norm_eps")
@@ -60,8 +60,8 @@ class ViTConfig:
                               f"num_attention_heads {self.num_attention_heads}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.pooling not in ("cls", "map", "none"):
-            raise ConfigError(f"vision pooling {self.pooling!r}: expected 'cls', 'map' or 'none'")
+        if self.pooling not in ("cls", "map", "mean", "none"):
+            raise ConfigError(f"vision pooling {self.pooling!r}: expected 'cls', 'map', 'mean' or 'none'")
         if self.pooling == "cls" and not self.class_token:
             raise ConfigError("vision pooling 'cls' needs class_token=True")
 
@@ -166,6 +166,8 @@ class VisionTransformer(nn.Module):
             return VisionOutput(x, None, states)
         if self.cfg.pooling == "cls":
             return VisionOutput(x, self.post_layernorm(x[:, 0]), states)
+        if self.cfg.pooling == "mean":  # global average of the patch tokens (the [class] token left out)
+            return VisionOutput(x, self.post_layernorm(x[:, int(self.cfg.class_token):].mean(1)), states)
         x = self.post_layernorm(x)
         return VisionOutput(x, self.head(x) if self.cfg.pooling == "map" else None, states)
 
