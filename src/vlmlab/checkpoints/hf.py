@@ -125,3 +125,14 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def require_positive(config: Any, names: tuple[str, ...], *, integer: bool = True, what: str = "config") -> None:
+    """Raise ConfigError naming the first field of `config` (a dataclass) that is not a positive
+    integer (or, integer=False, a positive number). Every family config checks its sizes with it."""
+    for name in names:
+        value = getattr(config, name)
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+            kind = "integer" if integer else "number"
+            raise ConfigError(f"{what} field '{name}' must be a positive {kind}, got {value!r}")

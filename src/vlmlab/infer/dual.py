@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from vlmlab.errors import InputError
 from vlmlab.models.dual_encoder import DualEncoderNet
+from vlmlab.text.tokenizer import pad_batch
 from vlmlab.vision.preprocess import ImageProcessor
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -40,13 +41,8 @@ class TextInputs:
         if isinstance(texts, str) or not texts:
             raise InputError("texts must be a non-empty list of strings")
         ids = self.tokenizer.encode_batch(list(texts), add_special_tokens=True, max_length=self.max_length)
-        width = self.max_length if self.pad_to_max_length else max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
+        input_ids, mask = pad_batch(ids, pad, self.max_length if self.pad_to_max_length else None)
         return input_ids, (mask if self.attention_mask else None)
 
 

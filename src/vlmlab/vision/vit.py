@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmlab.checkpoints.hf import require_positive
 from vlmlab.errors import ConfigError, InputError
 from vlmlab.nn.attention import Attention
 from vlmlab.nn.encoder import Encoder
@@ -50,11 +51,8 @@ class ViTConfig:
                  "image_size", "patch_size", "hidden_act", "layer_norm_eps")
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-                     "image_size", "patch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"vision config field '{name}' must be a positive integer, got {value!r}")
+        require_positive(self, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                "num_channels", "image_size", "patch_size"), what="vision config")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"vision hidden_size {self.hidden_size} is not a multiple of "
                               f"num_attention_heads {self.num_attention_heads}")
