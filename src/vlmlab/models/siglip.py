@@ -103,27 +103,28 @@ TO_HF_KEY_MAP: KeyMap = [(r"\.self_attn\.o_proj\.", ".self_attn.out_proj."),
 HF_IGNORED = [r"^(text|vision)_model\.embeddings\.position_ids$"]
 
 
-def split_in_proj(tensors: dict[str, torch.Tensor], origin) -> dict[str, torch.Tensor]:
-    """HF's fused `in_proj_weight` / `in_proj_bias` of the pooling head -> our q/k/v projections."""
+def split_in_proj(tensors: dict[str, torch.Tensor], origin, prefix: str = HEAD_ATTN) -> dict[str, torch.Tensor]:
+    """HF's fused `in_proj_weight` / `in_proj_bias` of the pooling head at `prefix` -> our q/k/v projections."""
     out = dict(tensors)
     for kind in ("weight", "bias"):
-        fused = out.pop(f"{HEAD_ATTN}.in_proj_{kind}", None)
+        fused = out.pop(f"{prefix}.in_proj_{kind}", None)
         if fused is None:
             continue
         if fused.shape[0] % 3:
-            where = origin if isinstance(origin, str) else origin.get(f"{HEAD_ATTN}.in_proj_{kind}", "the checkpoint")
-            raise CheckpointError(f"{where}: tensor '{HEAD_ATTN}.in_proj_{kind}' has {fused.shape[0]} rows, "
+            where = origin if isinstance(origin, str) else origin.get(f"{prefix}.in_proj_{kind}", "the checkpoint")
+            raise CheckpointError(f"{where}: tensor '{prefix}.in_proj_{kind}' has {fused.shape[0]} rows, "
                                   "not a multiple of 3 (query, key, value)")
         for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3)):
-            out[f"{HEAD_ATTN}.{name}.{kind}"] = part
+            out[f"{prefix}.{name}.{kind}"] = part
     return out
 
 
-def join_in_proj(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def join_in_proj(tensors: dict[str, torch.Tensor], prefix: str = HEAD_ATTN) -> dict[str, torch.Tensor]:
+    """Our q/k/v projections of the pooling head at `prefix` -> HF's fused in_proj tensors."""
     out = dict(tensors)
     for kind in ("weight", "bias"):
-        parts = [out.pop(f"{HEAD_ATTN}.{name}.{kind}") for name in ("q_proj", "k_proj", "v_proj")]
-        out[f"{HEAD_ATTN}.in_proj_{kind}"] = torch.cat(parts)
+        parts = [out.pop(f"{prefix}.{name}.{kind}") for name in ("q_proj", "k_proj", "v_proj")]
+        out[f"{prefix}.in_proj_{kind}"] = torch.cat(parts)
     return out
 
 # The family's network class, for `vlmlab.load`.

@@ -1,0 +1,1 @@
+"""Connectors: how image features become language-model inputs (projectors, pixel shuffle, ...)."""

@@ -1,0 +1,47 @@
+"""The LLaVA projector: image features -> language-model embeddings, built from a short string.
+
+"linear" is LLaVA 1.0's single linear map; "mlp2x_gelu" is LLaVA 1.5's two linear layers with a
+GELU between (any depth and any activation of `nn.mlp.ACTIVATIONS`: "mlp3x_silu", ...). Layers are
+named `linear_1`, `linear_2`, ... as in Hugging Face's `LlavaMultiModalProjector`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from vlmlab.errors import ConfigError
+from vlmlab.nn.mlp import ACTIVATIONS, get_activation
+
+_MLP = re.compile(r"^mlp(\d+)x_(\w+)$")
+
+
+def parse_projector(kind: str) -> tuple[int, str | None]:
+    """'linear' -> (1, None); 'mlp2x_gelu' -> (2, 'gelu'). ConfigError for anything else."""
+    if kind == "linear":
+        return 1, None
+    m = _MLP.match(kind)
+    if m is None or int(m.group(1)) < 1 or m.group(2) not in ACTIVATIONS:
+        raise ConfigError(f"projector {kind!r}: expected 'linear' or 'mlp<N>x_<activation>' "
+                          f"(e.g. 'mlp2x_gelu'; activations: {', '.join(sorted(ACTIVATIONS))})")
+    return int(m.group(1)), m.group(2)
+
+
+class Projector(nn.Module):
+    def __init__(self, kind: str, in_dim: int, out_dim: int, bias: bool = True):
+        super().__init__()
+        self.kind = kind
+        depth, act = parse_projector(kind)
+        self.depth = depth
+        self.act = get_activation(act) if act else None
+        for i in range(depth):
+            setattr(self, f"linear_{i + 1}", nn.Linear(in_dim if i == 0 else out_dim, out_dim, bias=bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.depth):
+            if i:
+                x = self.act(x)
+            x = getattr(self, f"linear_{i + 1}")(x)
+        return x

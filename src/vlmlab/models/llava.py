@@ -1,0 +1,184 @@
+"""LLaVA (Liu et al. 2023): a vision tower, a projector, and a decoder LM that reads the projected
+patch features in place of image placeholder tokens.
+
+The prompt holds one `image_token_id` per image feature (the processor expands each `<image>`
+into as many placeholders as the image gives features); the model embeds the prompt, writes the
+projected features over the placeholders in order, and runs the language model on the result.
+Features come from any vision layer (`vision_feature_layer`, HF indexing: -2 = penultimate, or a
+list whose features are concatenated), with or without the first ([class]) token
+(`vision_feature_select_strategy` "default" drops it, "full" keeps it).
+
+Loads Hugging Face `LlavaForConditionalGeneration` folders in every layout transformers has
+written: 5.x (`language_model.model.*`, `vision_tower.*`), 4.52-4.57
+(`model.language_model.*`, `model.vision_tower.vision_model.*`, `lm_head`), and earlier
+(`language_model.model.*`, `vision_tower.vision_model.*`). Vision towers: CLIP or SigLIP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmlab.checkpoints.state import KeyMap, load_state, rename
+from vlmlab.connectors.projector import Projector
+from vlmlab.errors import ConfigError, InputError
+from vlmlab.models import clip, siglip
+from vlmlab.text.llama import LlamaConfig, LlamaForCausalLM
+from vlmlab.vision.vit import ViTConfig, VisionTransformer
+
+HF_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+
+# vision_config.model_type -> (HF defaults, ViT switches) of that tower family
+VISION_FAMILIES = {
+    "clip_vision_model": (clip.VISION_DEFAULTS, clip.VISION_SWITCHES),
+    "siglip_vision_model": (siglip.VISION_DEFAULTS, dict(class_token=False, pre_norm=False, patch_bias=True,
+                                                         pooling="map")),
+}
+
+
+@dataclass
+class LlavaConfig:
+    vision: ViTConfig
+    text: LlamaConfig
+    vision_model_type: str = "clip_vision_model"
+    projector: str = "mlp2x_gelu"
+    projector_bias: bool = True
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_select_strategy: str = "default"  # "default": drop the first token; "full": keep it
+    image_token_id: int = 32000
+    image_seq_length: int = 576
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ConfigError(f"vision_feature_select_strategy {self.vision_feature_select_strategy!r}: "
+                              "expected 'default' or 'full'")
+        layers = self.feature_layers
+        n = self.vision.num_hidden_layers
+        if not layers or any(not isinstance(i, int) or not -n - 1 <= i <= n for i in layers):
+            raise ConfigError(f"vision_feature_layer {self.vision_feature_layer!r} is out of range for {n} layers")
+
+    @property
+    def feature_layers(self) -> list[int]:
+        layer = self.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "LlavaConfig":
+        vision, text = hf.get("vision_config") or {}, hf.get("text_config") or {}
+        if not isinstance(vision, dict) or not isinstance(text, dict):
+            raise ConfigError("'vision_config' and 'text_config' must be objects")
+        kind = vision.get("model_type", "clip_vision_model")
+        if kind not in VISION_FAMILIES:
+            raise ConfigError(f"vision tower {kind!r} is not supported (supported: {', '.join(VISION_FAMILIES)})")
+        defaults, switches = VISION_FAMILIES[kind]
+        if kind == "siglip_vision_model" and vision.get("vision_use_head") is False:
+            switches = {**switches, "pooling": "none"}
+        text = {"tie_word_embeddings": hf.get("tie_word_embeddings", False), **text}
+        image_token = hf.get("image_token_id", hf.get("image_token_index", 32000))
+        return cls(
+            vision=ViTConfig.from_hf({**defaults, **vision}, **switches),
+            text=LlamaConfig.from_hf(text),
+            vision_model_type=kind,
+            projector=f"mlp2x_{hf.get('projector_hidden_act', 'gelu')}",
+            projector_bias=hf.get("multimodal_projector_bias", True),
+            vision_feature_layer=hf.get("vision_feature_layer", -2),
+            vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
+            image_token_id=image_token,
+            image_seq_length=hf.get("image_seq_length", 576),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        depth_act = self.projector.split("_", 1)
+        if not self.projector.startswith("mlp2x_"):
+            raise ConfigError(f"HF's LLaVA layout has a 2-layer projector; {self.projector!r} cannot be saved in it")
+        text = self.text.to_hf()
+        return {
+            "architectures": list(HF_ARCHITECTURES), "model_type": "llava",
+            "vision_config": {**self.vision.to_hf(), "model_type": self.vision_model_type},
+            "text_config": text, "projector_hidden_act": depth_act[1],
+            "multimodal_projector_bias": self.projector_bias, "vision_feature_layer": self.vision_feature_layer,
+            "vision_feature_select_strategy": self.vision_feature_select_strategy,
+            "image_token_index": self.image_token_id, "image_seq_length": self.image_seq_length,
+            "tie_word_embeddings": text.get("tie_word_embeddings", False),
+        }
+
+
+class LlavaNet(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = VisionTransformer(cfg.vision)
+        width = cfg.vision.hidden_size * len(cfg.feature_layers)
+        self.multi_modal_projector = Projector(cfg.projector, width, cfg.text.hidden_size, cfg.projector_bias)
+        self.language_model = LlamaForCausalLM(cfg.text)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, features per image, LM width): the selected layers' tokens, projected."""
+        n = self.cfg.vision.num_hidden_layers
+        indices = [i if i >= 0 else n + 1 + i for i in self.cfg.feature_layers]
+        # Run only as many layers as the deepest selected one needs.
+        states = self.vision_tower(pixel_values, num_layers=max(indices), output_hidden_states=True).hidden_states
+        picked = [states[i] for i in indices]
+        if self.cfg.vision_feature_select_strategy == "default":
+            picked = [h[:, 1:] for h in picked]
+        return self.multi_modal_projector(torch.cat(picked, dim=-1))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt embeddings with the image features written over the placeholder tokens."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        placeholders = input_ids == self.cfg.image_token_id
+        n_slots = int(placeholders.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise InputError(f"the prompt has {n_slots} image placeholder tokens but no image was given")
+            return embeds
+        feats = self.image_features(pixel_values)
+        if n_slots != feats.shape[0] * feats.shape[1]:
+            raise InputError(
+                f"image features and image placeholders disagree: {feats.shape[0]} image(s) give "
+                f"{feats.shape[0] * feats.shape[1]} features ({feats.shape[1]} each) but the prompt has {n_slots} "
+                f"placeholder tokens (id {self.cfg.image_token_id})"
+            )
+        return embeds.masked_scatter(placeholders[..., None], feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache=None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (batch, seq, vocab). With a cache, later steps pass only new ids and no pixels."""
+        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
+                                   position_ids=position_ids, cache=cache, logits_to_keep=logits_to_keep)
+
+    # ---- checkpoints ----
+
+    def load_hf_tensors(self, tensors: dict[str, torch.Tensor], origin, dtype: torch.dtype | None = None) -> None:
+        renamed = siglip.split_in_proj({rename(k, HF_KEY_MAP): v for k, v in tensors.items()}, origin, HEAD_ATTN)
+        optional = ["language_model.lm_head.weight"] if self.cfg.text.tie_word_embeddings else []
+        load_state(self, renamed, origin=origin, ignore=HF_IGNORED, optional=optional, dtype=dtype)
+        self.language_model.tie_weights()
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors in the layout transformers 5 writes (the tied head left out)."""
+        sd = {rename(k, TO_HF_KEY_MAP): v for k, v in self.state_dict().items()}
+        if self.cfg.vision.pooling == "map":
+            sd = siglip.join_in_proj(sd, HEAD_ATTN)
+        if self.cfg.text.tie_word_embeddings:
+            sd.pop("language_model.lm_head.weight")
+        return sd
+
+
+# Every on-disk layout -> ours (= transformers 5's files, except the attention output's name).
+HF_KEY_MAP: KeyMap = [
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^vision_tower\.vision_model\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^vision_tower\.(.*)\.out_proj\.", r"vision_tower.\1.o_proj."),
+]
+HEAD_ATTN = "vision_tower.head.attention"  # a SigLIP tower's pooling attention (fused in_proj on disk)
+TO_HF_KEY_MAP: KeyMap = [(r"^vision_tower\.(.*)\.o_proj\.", r"vision_tower.\1.out_proj.")]
+HF_IGNORED = [r"^vision_tower\.embeddings\.position_ids$", r"rotary_emb\.inv_freq$"]

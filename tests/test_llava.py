@@ -1,0 +1,157 @@
+"""LLaVA against transformers' LlavaForConditionalGeneration on tiny random configs: logits with
+images spliced in (CLIP and SigLIP towers, one or several feature layers, with and without the
+[class] token), every on-disk key layout, the placeholder count check, and saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from vlmlab.checkpoints.hf import read_config, read_safetensors, write_json, write_safetensors  # noqa: E402
+from vlmlab.connectors.projector import Projector, parse_projector  # noqa: E402
+from vlmlab.errors import CheckpointError, ConfigError, InputError  # noqa: E402
+from vlmlab.models.llava import LlavaConfig, LlavaNet  # noqa: E402
+
+IMAGE = 119
+VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+              patch_size=8)
+TEXT = dict(model_type="llama", vocab_size=120, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+CASES = {
+    "clip_default": dict(tower="clip_vision_model", layer=-2, strategy="default"),
+    "clip_full_two_layers": dict(tower="clip_vision_model", layer=[-3, -1], strategy="full"),
+    "siglip_full": dict(tower="siglip_vision_model", layer=-1, strategy="full"),
+}
+
+
+def build(case: str, folder: Path, seed: int = 0, tie: bool = False):
+    c = CASES[case]
+    torch.manual_seed(seed)
+    cfg = transformers.LlavaConfig(
+        vision_config={**VISION, "model_type": c["tower"]}, text_config={**TEXT, "tie_word_embeddings": tie},
+        image_token_id=IMAGE, vision_feature_layer=c["layer"], vision_feature_select_strategy=c["strategy"],
+        projector_hidden_act="gelu", tie_word_embeddings=tie)
+    hf = transformers.LlavaForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(folder)
+    return hf
+
+
+def load(folder: Path) -> LlavaNet:
+    net = LlavaNet(LlavaConfig.from_hf(read_config(folder)))
+    tensors, origin = read_safetensors(folder)
+    net.load_hf_tensors(tensors, origin)
+    return net.eval()
+
+
+def prompt(per_image: int, images: int = 2) -> torch.Tensor:
+    """Text, image placeholders, text, image placeholders, text (two rows, the second shifted)."""
+    rows = []
+    for shift in (0, 3):
+        ids = [1, 5 + shift, 9]
+        for _ in range(images):
+            ids += [IMAGE] * per_image + [11, 12 + shift]
+        rows.append(ids)
+    return torch.tensor(rows)
+
+
+def per_image(case: str) -> int:
+    grid = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    has_cls = CASES[case]["tower"] == "clip_vision_model"
+    return grid + int(has_cls and CASES[case]["strategy"] == "full")
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    return request.param, build(request.param, folder), load(folder), folder
+
+
+def test_logits_match_transformers(pair):
+    case, hf, net, _ = pair
+    ids = prompt(per_image(case))
+    px = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # 2 rows x 2 images
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px).logits
+        got = net(ids, px)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    with torch.no_grad():  # and the image features alone
+        ref_feats = hf.model.get_image_features(pixel_values=px)
+        ref_feats = getattr(ref_feats, "pooler_output", ref_feats)
+        ref_feats = torch.cat(list(ref_feats)) if isinstance(ref_feats, (list, tuple)) else ref_feats
+        torch.testing.assert_close(net.image_features(px).reshape(ref_feats.shape), ref_feats, atol=1e-4, rtol=0)
+
+
+def test_text_only_prompts_work(pair):
+    _, hf, net, _ = pair
+    ids = torch.tensor([[1, 5, 9, 22, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_placeholder_count_mismatch_is_named(pair):
+    case, _, net, _ = pair
+    n = per_image(case)
+    ids = prompt(n)[:, :-1]
+    ids[0, 3] = 50  # one placeholder fewer in row 0
+    with pytest.raises(InputError, match=rf"{4 * n} features .* {4 * n - 1} placeholder"):
+        net(ids, torch.zeros(4, 3, 32, 32))
+    with pytest.raises(InputError, match="no image was given"):
+        net(prompt(n))
+
+
+@pytest.mark.parametrize("layout", ["transformers_4_52", "transformers_4_early"])
+def test_other_key_layouts_load(pair, layout, tmp_path):
+    case, _, net, folder = pair
+    tensors, _ = read_safetensors(folder)
+    moved = {}
+    for k, v in tensors.items():
+        if layout == "transformers_4_52":
+            k = k.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head.", "lm_head.")
+            k = k.replace("vision_tower.", "model.vision_tower.vision_model.").replace("multi_modal_projector.", "model.multi_modal_projector.")
+        else:
+            k = k.replace("vision_tower.", "vision_tower.vision_model.")
+        moved[k] = v
+    moved["vision_tower.vision_model.embeddings.position_ids" if layout != "transformers_4_52"
+          else "model.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(16)[None]
+    other = LlavaNet(LlavaConfig.from_hf(read_config(folder)))
+    other.load_hf_tensors(moved, "old.safetensors")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+    with pytest.raises(CheckpointError, match="multi_modal_projector.linear_2"):
+        other.load_hf_tensors({k: v for k, v in moved.items() if "linear_2.weight" not in k}, "m.safetensors")
+
+
+def test_saved_folder_loads_in_transformers(pair, tmp_path):
+    case, hf, net, _ = pair
+    write_json(tmp_path / "config.json", net.cfg.to_hf())
+    write_safetensors(tmp_path / "model.safetensors", net.hf_state_dict())
+    back = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids, px = prompt(per_image(case)), torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, pixel_values=px).logits,
+                                   hf(input_ids=ids, pixel_values=px).logits, atol=1e-4, rtol=0)
+
+
+def test_tied_embeddings(tmp_path):
+    hf = build("clip_default", tmp_path, tie=True)
+    net = load(tmp_path)
+    assert net.language_model.lm_head.weight is net.language_model.model.embed_tokens.weight
+    ids = prompt(per_image("clip_default"))
+    px = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids, px), hf(input_ids=ids, pixel_values=px).logits, atol=1e-4, rtol=0)
+
+
+def test_projector_strings():
+    assert parse_projector("linear") == (1, None) and parse_projector("mlp3x_silu") == (3, "silu")
+    p = Projector("mlp3x_gelu", 8, 4)
+    assert [n for n, _ in p.named_children()] == ["linear_1", "linear_2", "linear_3"]
+    assert p(torch.zeros(2, 8)).shape == (2, 4)
+    assert Projector("linear", 8, 4).linear_1.in_features == 8
+    for bad in ("mlp", "mlp2x_nope", "conv", "mlp0x_gelu"):
+        with pytest.raises(ConfigError, match="projector"):
+            parse_projector(bad)
