@@ -155,3 +155,59 @@ def test_projector_strings():
     for bad in ("mlp", "mlp2x_nope", "conv", "mlp0x_gelu"):
         with pytest.raises(ConfigError, match="projector"):
             parse_projector(bad)
+
+
+# ---- the runtime: vlmlab.load + ask -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vlm_folder(tmp_path_factory):
+    from conftest import TINY_VOCAB, write_tiny_tokenizer
+    from tokenizers import AddedToken, Tokenizer
+
+    from vlmlab.vision.preprocess import ImageProcessor
+
+    folder = tmp_path_factory.mktemp("vlm")
+    image_id = TINY_VOCAB  # "<image>" added after the tiny tokenizer's 259 tokens
+    torch.manual_seed(0)
+    cfg = transformers.LlavaConfig(
+        vision_config={**VISION, "model_type": "clip_vision_model"},
+        text_config={**TEXT, "vocab_size": TINY_VOCAB + 1, "eos_token_id": 2, "bos_token_id": 1},
+        image_token_id=image_id, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    hf = transformers.LlavaForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(folder)
+    write_tiny_tokenizer(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    tok.save(str(folder / "tokenizer.json"))
+    ImageProcessor.clip(32).to_folder(folder)
+    return folder, hf, image_id
+
+
+def test_ask_generates_what_transformers_generates(vlm_folder, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import vlmlab
+
+    folder, hf, image_id = vlm_folder
+    vlm = vlmlab.load(folder)
+    assert vlm.kind == "vision-language-model"
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)) for i in range(2)]
+    result = vlm.ask("what is here?", images=images, max_new_tokens=8, stop_token_ids=[])
+    vlm._images = [images]  # what ask() does: the ids and pixels of its first forward
+    ids, prefill = vlm._prepare(["<image><image>\nwhat is here?"], system=None, chat=True)
+    vlm._images = None
+    assert ids[0].count(image_id) == 2 * 16 and prefill["pixel_values"].shape == (2, 3, 32, 32)
+    x = torch.tensor(ids)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), pixel_values=prefill["pixel_values"],
+                          do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
+    assert result.token_ids == ref[0, x.shape[1]:].tolist()
+    text_only = vlm.generate("hello", max_new_tokens=4, stop_token_ids=[])
+    assert len(text_only.token_ids) == 4
+    with pytest.raises(InputError, match="1 <image> marker"):
+        vlm.ask("<image> two pictures?", images=images)
+    vlm.save(tmp_path / "saved")
+    again = vlmlab.load(tmp_path / "saved")
+    assert again.ask("what is here?", images=images, max_new_tokens=8, stop_token_ids=[]).token_ids == result.token_ids

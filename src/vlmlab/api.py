@@ -17,7 +17,8 @@ from vlmlab.errors import ConfigError, ModelNotFoundError, UnknownArchitectureEr
 from vlmlab.infer.lm import LanguageModel
 from vlmlab.nn.quant import int4_kernel_available
 from vlmlab.infer.dual import DualEncoder, TextInputs
-from vlmlab.models import clip, lit, siglip
+from vlmlab.infer.vlm import VisionLanguageModel
+from vlmlab.models import clip, lit, llava, siglip
 from vlmlab.text import llama
 from vlmlab.text.tokenizer import Tokenizer
 from vlmlab.vision.preprocess import ImageProcessor
@@ -64,9 +65,11 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> LanguageModel:
     dual = next((DUAL_ARCHITECTURES[a] for a in archs if a in DUAL_ARCHITECTURES), None)
     if dual is not None:
         return _load_dual(folder, config, dual, dtype)
+    if any(a in llava.HF_ARCHITECTURES for a in archs):
+        return _load_llava(folder, config, dtype)
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if family is None:
-        supported = sorted({*ARCHITECTURES, *DUAL_ARCHITECTURES})
+        supported = sorted({*ARCHITECTURES, *DUAL_ARCHITECTURES, *llava.HF_ARCHITECTURES})
         raise UnknownArchitectureError(
             f"{folder / 'config.json'}: architecture {', '.join(archs) or '(none given)'} is not supported "
             f"(supported: {', '.join(supported)})"
@@ -79,6 +82,23 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> LanguageModel:
     net = family.LlamaForCausalLM.without_weights(cfg)
     net.load_hf_tensors(tensors, origin, dtype)
     return LanguageModel(net, Tokenizer.from_folder(folder), name=folder.name)
+
+
+def _load_llava(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguageModel:
+    """A LLaVA folder: network, tokenizer (with its chat template), image processor."""
+    try:
+        cfg = llava.LlavaConfig.from_hf(config)
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+    tensors, origin = read_safetensors(folder)
+    net = llava.LlavaNet(cfg)
+    net.load_hf_tensors(tensors, origin, dtype)
+    if (folder / "preprocessor_config.json").is_file():
+        processor = ImageProcessor.from_folder(folder)
+    else:
+        kind = "siglip" if cfg.vision_model_type.startswith("siglip") else "clip"
+        processor = getattr(ImageProcessor, kind)(cfg.vision.image_size)
+    return VisionLanguageModel(net, Tokenizer.from_folder(folder), processor, name=folder.name)
 
 
 def _load_dual(folder: Path, config: dict, family, dtype: torch.dtype) -> DualEncoder:
@@ -116,7 +136,7 @@ QUANTIZATIONS = ("none", "int4")
 
 def load(
     name_or_path: str | Path, *, dtype: str | torch.dtype | None = None, quantization: str | None = None
-) -> LanguageModel | DualEncoder:
+) -> LanguageModel | VisionLanguageModel | DualEncoder:
     """Load a model by built-in name (`smollm2`), HF folder or .gguf file, fully offline.
 
     quantization="int4" keeps a GGUF's 4-bit (Q4_0/Q4_1) layer weights in 4 bits and multiplies

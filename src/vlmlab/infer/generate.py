@@ -111,12 +111,14 @@ def generate_tokens(
     *,
     pad_id: int = 0,
     done: list[bool] | None = None,
+    prefill: dict | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, the new token of every prompt (None for rows that have finished).
 
     A row finishes after yielding one of `cfg.stop_token_ids`, or when the caller sets
     `done[row] = True` (stop strings are detected on text, by the caller). The loop ends when every
     row is done or `max_new_tokens` were produced (fewer if the context would overflow).
+    `prefill`: extra inputs of the first forward only (a VLM's `pixel_values`).
     """
     cfg.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -137,19 +139,19 @@ def generate_tokens(
         ids[i, longest - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
         mask[i, longest - len(p):] = True
     padded = not bool(mask.all())
-    seen = None
-    if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros((batch, model.cfg.vocab_size), dtype=torch.bool, device=device)
-        # Pad positions point at the row's last (always real) token, so no index is written twice
-        # with different values (scatter's order for duplicates is undefined).
-        seen.scatter_(1, ids.where(mask, ids[:, -1:]), True)
     generators = [None] * batch
     if cfg.temperature > 0:
         base = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**62)
         generators = [torch.Generator(device=device).manual_seed(base + i) for i in range(batch)]
     stop_ids = set(cfg.stop_token_ids)
     cache = model.new_cache(longest + steps, dtype=cache_dtype(model))
-    logits = model(ids, attention_mask=mask if padded else None, cache=cache, logits_to_keep=1)[:, -1]
+    logits = model(ids, attention_mask=mask if padded else None, cache=cache, logits_to_keep=1, **(prefill or {}))[:, -1]
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros((batch, logits.shape[-1]), dtype=torch.bool, device=device)
+        # Pad positions point at the row's last (always real) token, so no index is written twice
+        # with different values (scatter's order for duplicates is undefined).
+        seen.scatter_(1, ids.where(mask, ids[:, -1:]), True)
     for step in range(steps):
         next_ids = sample(logits, cfg, seen, generators)
         tokens = next_ids.tolist()

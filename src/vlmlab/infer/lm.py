@@ -53,7 +53,7 @@ class LanguageModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.net.model.embed_tokens.weight.dtype
+        return next(self.net.parameters()).dtype
 
     @contextmanager
     def unpacked(self) -> Iterator[torch.nn.Module]:
@@ -90,7 +90,7 @@ class LanguageModel:
 
     def stop_token_ids(self, chat: bool) -> list[int]:
         ids: set[int] = set()
-        eos = self.net.cfg.eos_token_id
+        eos = self.net.text_cfg.eos_token_id
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
@@ -120,14 +120,14 @@ class LanguageModel:
         """Yield (row, text delta) as text appears, then the list of results."""
         start = time.perf_counter()
         cfg = self._config(chat, stop, dict(kwargs))
-        ids = [self.prompt_ids(p, system=system, chat=chat) for p in prompts]
+        ids, prefill = self._prepare(prompts, system=system, chat=chat)
         streams = [TextStream(self.tokenizer, cfg.stop_strings) for _ in prompts]
         new: list[list[int]] = [[] for _ in prompts]
         reasons = ["length"] * len(prompts)
         done = [False] * len(prompts)
         first = last = None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for step in generate_tokens(self.net, ids, cfg, pad_id=pad, done=done):
+        for step in generate_tokens(self.net, ids, cfg, pad_id=pad, done=done, prefill=prefill):
             last = time.perf_counter()
             first = first or last
             for row, tok in enumerate(step):
@@ -152,6 +152,10 @@ class LanguageModel:
             rate = (n - 1) / (last - first) if n > 1 and last > first else 0.0
             results.append(GenerationResult(streams[row].text, toks, len(ids[row]), reasons[row], ttft, rate))
         yield results
+
+    def _prepare(self, prompts: list, *, system, chat) -> tuple[list[list[int]], dict]:
+        """Token ids of each prompt, and extra inputs of the first forward (a VLM adds its images)."""
+        return [self.prompt_ids(p, system=system, chat=chat) for p in prompts], {}
 
     def generate(
         self,
@@ -200,6 +204,7 @@ class LanguageModel:
         with self.unpacked() as net:
             write_safetensors(folder / "model.safetensors", net.hf_state_dict())
         write_json(folder / "config.json", cfg)
-        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+        text = self.net.text_cfg.to_hf()
+        gen = {k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if text.get(k) is not None}
         write_json(folder / "generation_config.json", gen)
         self.tokenizer.save(folder)

@@ -116,6 +116,21 @@ class LlavaNet(nn.Module):
         self.multi_modal_projector = Projector(cfg.projector, width, cfg.text.hidden_size, cfg.projector_bias)
         self.language_model = LlamaForCausalLM(cfg.text)
 
+    # What generation asks of a decoder (the language model's).
+    @property
+    def text_cfg(self) -> LlamaConfig:
+        return self.cfg.text
+
+    @property
+    def context_length(self) -> int:
+        return self.language_model.context_length
+
+    def new_cache(self, capacity: int, dtype: torch.dtype | None = None):
+        return self.language_model.new_cache(capacity, dtype)
+
+    def tie_weights(self) -> None:
+        self.language_model.tie_weights()
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, features per image, LM width): the selected layers' tokens, projected."""
         n = self.cfg.vision.num_hidden_layers

@@ -293,6 +293,11 @@ class LlamaForCausalLM(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def text_cfg(self) -> LlamaConfig:
+        """The decoder's config (a VLM's network answers with its language model's)."""
+        return self.cfg
+
     def new_cache(self, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
         return KVCache(self.cfg.num_hidden_layers, capacity, dtype)
 

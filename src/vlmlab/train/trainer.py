@@ -109,10 +109,15 @@ class Trainer:
         self.named = self._trainable()
         if not self.named:
             raise ConfigError("nothing to train: every parameter is frozen (learning rate 0)")
-        groups = [{"params": [p], "lr": lr, "peak_lr": lr, "name": n,
-                   "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0}
-                  for n, (p, lr) in self.named.items()]
-        self.optimizer = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps)
+        # One optimiser group per (learning rate, weight decay): few groups keep AdamW's fused
+        # multi-tensor update fast. Matrices decay; biases, norms and scalars do not.
+        by_key: dict[tuple[float, float], dict] = {}
+        for n, (p, lr) in self.named.items():
+            wd = cfg.weight_decay if p.dim() >= 2 else 0.0
+            group = by_key.setdefault((lr, wd), {"params": [], "names": [], "lr": lr, "peak_lr": lr, "weight_decay": wd})
+            group["params"].append(p)
+            group["names"].append(n)
+        self.optimizer = torch.optim.AdamW(list(by_key.values()), betas=cfg.betas, eps=cfg.eps)
         self.step = 0
         self.ddp = None
         if self.world > 1:
@@ -146,8 +151,7 @@ class Trainer:
 
         tensors: dict[str, torch.Tensor] = {}
         steps = {}
-        for group in self.optimizer.param_groups:
-            name, p = group["name"], group["params"][0]
+        for name, p in self._params():
             tensors[f"model/{name}"] = p.detach().contiguous()
             st = self.optimizer.state.get(p, {})
             if st:
@@ -181,8 +185,7 @@ class Trainer:
             raise CheckpointError(f"{path}: the checkpoint trains different parameters "
                                   f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
         with torch.no_grad():
-            for group in self.optimizer.param_groups:
-                name, p = group["name"], group["params"][0]
+            for name, p in self._params():
                 saved = tensors[f"model/{name}"]
                 if saved.shape != p.shape:
                     raise CheckpointError(f"{path}: '{name}' has shape {tuple(saved.shape)}, expected {tuple(p.shape)}")
@@ -195,6 +198,11 @@ class Trainer:
                     }
         self.step = step
         self._truncate_metrics(step)
+
+    def _params(self):
+        """(name, parameter) of everything the optimiser updates."""
+        for group in self.optimizer.param_groups:
+            yield from zip(group["names"], group["params"])
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines written after the checkpoint (they will be written again)."""

@@ -1,0 +1,86 @@
+"""`VisionLanguageModel`: a LLaVA-style network with its tokenizer and image processor. It answers
+about images (`ask`), chats, and, without images, generates text like any `LanguageModel`.
+
+Messages carry images as "<image>" markers in their text (the LLaVA convention; `ask` puts one
+per image before the question when the prompt has none). The chat template renders the
+conversation; each marker then becomes `image_token_id` repeated once per image feature, and the
+images' features replace those placeholders in the first forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from vlmlab.errors import InputError
+from vlmlab.infer.lm import GenerationResult, LanguageModel
+from vlmlab.vision.preprocess import ImageProcessor
+
+IMAGE_MARKER = "<image>"
+
+
+class VisionLanguageModel(LanguageModel):
+    kind = "vision-language-model"
+
+    def __init__(self, net: torch.nn.Module, tokenizer, processor: ImageProcessor, name: str = "model"):
+        super().__init__(net, tokenizer, name=name)
+        self.processor = processor
+        self._images: list[list[Any]] | None = None  # images of the prompts being prepared
+
+    @property
+    def image_token_id(self) -> int:
+        return self.net.cfg.image_token_id
+
+    def features_per_image(self, pixel_values: torch.Tensor) -> int:
+        vision = self.net.cfg.vision
+        grid = (pixel_values.shape[-2] // vision.patch_size) * (pixel_values.shape[-1] // vision.patch_size)
+        keep_first = self.net.cfg.vision_feature_select_strategy == "full"
+        return grid + int(vision.class_token and keep_first)
+
+    def expand(self, text: str, n_images: int, per_image: int) -> list[int]:
+        """Token ids of rendered prompt text, each "<image>" marker -> `per_image` placeholders."""
+        parts = text.split(IMAGE_MARKER)
+        if len(parts) - 1 != n_images:
+            raise InputError(f"the prompt has {len(parts) - 1} {IMAGE_MARKER} marker(s) but {n_images} image(s) "
+                             "were given")
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if part:
+                ids += self.tokenizer.encode(part, add_special_tokens=False)
+            if i < n_images:
+                ids += [self.image_token_id] * per_image
+        return ids
+
+    def _prepare(self, prompts: list, *, system, chat) -> tuple[list[list[int]], dict]:
+        images = self._images or [[] for _ in prompts]
+        flat = [im for row in images for im in row]
+        pixels = self.processor(flat).to(self.dtype) if flat else None
+        per_image = self.features_per_image(pixels) if pixels is not None else 0
+        ids = []
+        for prompt, row in zip(prompts, images):
+            if not chat:
+                text = prompt
+            else:
+                messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+                if system is not None:
+                    messages = [{"role": "system", "content": system}, *messages]
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids.append(self.expand(text, len(row), per_image))
+        return ids, ({"pixel_values": pixels} if pixels is not None else {})
+
+    def ask(self, prompt: str | list[dict], images: Sequence[Any] = (), **kwargs) -> GenerationResult:
+        """Answer a question (or continue chat messages) about `images` (PIL images, paths or
+        bytes). A question without "<image>" markers gets one per image in front of it."""
+        images = list(images)
+        if isinstance(prompt, str) and images and IMAGE_MARKER not in prompt:
+            prompt = IMAGE_MARKER * len(images) + "\n" + prompt
+        self._images = [images]
+        try:
+            return self.generate(prompt, **kwargs)
+        finally:
+            self._images = None
+
+    def save(self, folder) -> None:
+        super().save(folder)
+        self.processor.to_folder(folder)
