@@ -435,11 +435,12 @@ def measure(run_once, repeats: int, batch: int, new_tokens: int, extra: dict) ->
 WORKERS = {"bandwidth": worker_bandwidth, "vlmlab": worker_vlmlab, "transformers": worker_transformers}
 
 
-def worker_main(spec_json: str) -> None:
+def worker_main(spec_json: str, workers: dict | None = None) -> None:
+    """Run one measurement in this (fresh) process and print its result for the driver."""
     spec = json.loads(spec_json)
     if spec.get("vlmlab_src"):
         sys.path.insert(0, spec["vlmlab_src"])  # ahead of the installed (editable) vlmlab
-    result = WORKERS[spec["worker"]](spec)
+    result = (workers or WORKERS)[spec["worker"]](spec)
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 

@@ -55,6 +55,7 @@ from lm_decode import (
     system_cpu_s,
     vlmlab_provenance,
     wait_for_quiet,
+    worker_main,
 )
 
 IMPLS = ("vlmlab", "transformers")
@@ -306,14 +307,6 @@ def summarise(runs: list[dict], rate: str, load: dict) -> dict:
 WORKERS = {"checkpoint": worker_checkpoint, "encode": worker_encode, "train": worker_train}
 
 
-def worker_main(spec_json: str) -> None:
-    spec = json.loads(spec_json)
-    if spec.get("vlmlab_src"):
-        sys.path.insert(0, spec["vlmlab_src"])  # ahead of the installed (editable) vlmlab
-    result = WORKERS[spec["worker"]](spec)
-    print(RESULT_TAG + json.dumps(result), flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
-        worker_main(args._worker)
+        worker_main(args._worker, WORKERS)
         return
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be at least 1")
