@@ -175,3 +175,41 @@ def test_short_lit_run_on_scenes_learns_colour(tmp_path, minilm_available):
 
     again = vlmlab.load(tmp_path / "model")
     torch.testing.assert_close(again.embed_image([samples[0].images[0]]), model.embed_image([samples[0].images[0]]))
+
+
+def test_multi_positive_infonce_equals_a_direct_computation():
+    g = torch.Generator().manual_seed(2)
+    img, txt = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    groups = torch.tensor([0, 1, 0, 2, 1])  # texts 0/2 and 1/4 are the same text
+    scale = torch.tensor(1.0)
+    got = ContrastiveLoss("infonce")(img, txt, scale, groups=groups)
+    a, b = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = math.exp(1.0) * a @ b.T
+    pos = (groups[:, None] == groups[None, :]).float()
+    soft = pos / pos.sum(-1, keepdim=True)
+    i2t = -(soft * logits.log_softmax(-1)).sum(-1).mean()
+    t2i = -(soft * logits.T.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(got, (i2t + t2i) / 2)
+    # all-distinct groups are plain InfoNCE
+    distinct = ContrastiveLoss("infonce")(img, txt, scale, groups=torch.arange(5))
+    torch.testing.assert_close(distinct, ContrastiveLoss("infonce")(img, txt, scale))
+
+
+def test_multi_positive_sigmoid_labels_repeats_positive():
+    g = torch.Generator().manual_seed(3)
+    img, txt = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    groups = torch.tensor([7, 7, 9])
+    got = ContrastiveLoss("sigmoid")(img, txt, torch.tensor(0.5), torch.tensor(-1.0), groups=groups)
+    logits = math.exp(0.5) * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T - 1.0
+    labels = torch.where(groups[:, None] == groups[None, :], 1.0, -1.0)
+    torch.testing.assert_close(got, -F.logsigmoid(labels * logits).sum() / 3)
+
+
+def test_text_groups_ignore_padding_width():
+    from vlmlab.train.clip import text_groups
+
+    a = torch.tensor([[1, 5, 9, 0, 0], [1, 5, 9, 0, 0], [1, 6, 9, 0, 0]])
+    mask_a = (a != 0).long()
+    b = torch.tensor([[1, 5, 9]])  # the same text padded to another width (another process)
+    g_a, g_b = text_groups(a, mask_a), text_groups(b, torch.ones_like(b))
+    assert g_a[0] == g_a[1] != g_a[2] and g_b[0] == g_a[0]

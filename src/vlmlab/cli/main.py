@@ -159,7 +159,7 @@ def _train_clip(args: argparse.Namespace) -> int:
                       warmup_steps=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
                       log_every=args.log_every, save_every=args.save_every, seed=args.seed)
     recipe = ClipRecipe(data=args.data, loss=args.loss, lock_image=args.lock_image, lock_text=args.lock_text,
-                        scene_size=args.scene_size)
+                        scene_size=args.scene_size, multi_positive=args.multi_positive)
     logged = train_clip(model, recipe, cfg, args.out, resume=args.resume)
     if logged:
         print(f"step {logged[-1]['step']}: loss {logged[-1]['loss']:.4f}; model written to {Path(args.out) / 'model'}")
@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--lock-image", action="store_true", help="freeze the image tower and its projection")
     tc.add_argument("--lock-text", action="store_true", help="freeze the text tower and its projection (LiT)")
     tc.add_argument("--scene-size", type=int, default=224)
+    tc.add_argument("--multi-positive", action="store_true",
+                    help="count pairs with identical texts as positives (class prompts repeat within a batch)")
     tc.add_argument("--log-every", type=int, default=10)
     tc.add_argument("--save-every", type=int, default=100)
     tc.add_argument("--seed", type=int, default=0)

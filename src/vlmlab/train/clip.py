@@ -79,6 +79,15 @@ class ClipRecipe:
     lock_image: bool = False
     lock_text: bool = False
     scene_size: int = 224
+    multi_positive: bool = False  # pairs with identical texts are all positives (see losses.py)
+
+
+def text_groups(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch,) ids equal exactly for identical token sequences, on any process: a fixed random
+    linear hash of the real tokens (int64 arithmetic wraps; collisions are negligible)."""
+    weights = torch.randint(1, 2**62, (ids.shape[1],), generator=torch.Generator().manual_seed(0))
+    real = ids if mask is None else ids * mask
+    return (real * weights).sum(-1)
 
 
 def batch_fn(model: DualEncoder, pair_at: Callable[[int], tuple[Any, str]], batch_size: int):
@@ -116,7 +125,9 @@ def train_clip(model: DualEncoder, recipe: ClipRecipe, cfg: TrainConfig, out: st
     def step_fn(m, batch):
         pixels, ids, mask = batch
         img, txt = m(pixels, ids, mask, features=True)
-        return loss_fn(img, txt, net.logit_scale, getattr(net, "logit_bias", None)), {"logit_scale": float(net.logit_scale.detach().exp())}
+        groups = text_groups(ids, mask) if recipe.multi_positive else None
+        loss = loss_fn(img, txt, net.logit_scale, getattr(net, "logit_bias", None), groups=groups)
+        return loss, {"logit_scale": float(net.logit_scale.detach().exp())}
 
     net.requires_grad_(True)
     trainer = Trainer(net, step_fn, batch_fn(model, pair_at, cfg.batch_size), cfg, out,

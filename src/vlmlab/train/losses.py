@@ -40,6 +40,17 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dnn.all_gather(x), dim=0)
 
 
+def _gather_plain(x: torch.Tensor) -> torch.Tensor:
+    """all_gather without gradient (for integer ids)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return torch.cat(out)
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -56,7 +67,10 @@ class ContrastiveLoss(nn.Module):
         self.kind, self.gather, self.local_loss = kind, gather, local_loss
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+                logit_bias: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """groups: optional (batch,) ids; pairs whose texts share an id are all positives (a batch
+        of class prompts repeats texts, and plain InfoNCE would count the repeats as negatives).
+        InfoNCE then uses soft targets spread over the positives; the sigmoid loss labels them +1."""
         img = F.normalize(image_features.float(), dim=-1)
         txt = F.normalize(text_features.float(), dim=-1)
         n = img.shape[0]
@@ -71,11 +85,21 @@ class ContrastiveLoss(nn.Module):
         scale = logit_scale.float().exp()
         logits_img = scale * rows_img @ all_txt.T  # (rows, all)
         targets = torch.arange(rows_img.shape[0], device=img.device) + offset
+        positive = None
+        if groups is not None:
+            all_groups = _gather_plain(groups) if self.gather else groups
+            rows_groups = all_groups[targets]
+            positive = rows_groups[:, None] == all_groups[None, :]  # (rows, all)
         if self.kind == "infonce":
             logits_txt = scale * rows_txt @ all_img.T
-            return (F.cross_entropy(logits_img, targets) + F.cross_entropy(logits_txt, targets)) / 2
+            if positive is None:
+                return (F.cross_entropy(logits_img, targets) + F.cross_entropy(logits_txt, targets)) / 2
+            soft = positive.float() / positive.sum(-1, keepdim=True)
+            return (F.cross_entropy(logits_img, soft) + F.cross_entropy(logits_txt, soft)) / 2
         if logit_bias is not None:
             logits_img = logits_img + logit_bias.float()
         labels = -torch.ones_like(logits_img)
         labels[torch.arange(rows_img.shape[0], device=img.device), targets] = 1.0
+        if positive is not None:
+            labels[positive] = 1.0
         return -F.logsigmoid(labels * logits_img).sum() / rows_img.shape[0]
