@@ -493,9 +493,9 @@ def combine_rounds(per_round: list[dict]) -> list[dict]:
     return out
 
 
-def run_worker(spec: dict) -> dict:
-    """Run one worker in a fresh interpreter; return its result dict."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)]
+def run_worker(spec: dict, script: str = __file__) -> dict:
+    """Run one worker of `script` in a fresh interpreter; return its result dict."""
+    cmd = [sys.executable, os.path.abspath(script), "--_worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):

@@ -57,6 +57,7 @@ from lm_decode import (
     wait_for_quiet,
     worker_main,
 )
+from lm_decode import run_worker as run_lm_decode_worker
 
 IMPLS = ("vlmlab", "transformers")
 DTYPES = ("float32", "bfloat16")
@@ -313,14 +314,8 @@ WORKERS = {"checkpoint": worker_checkpoint, "encode": worker_encode, "train": wo
 
 
 def run_worker(spec: dict) -> dict:
-    """Run one worker in a fresh interpreter; return its result dict."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-    raise SystemExit(f"worker {spec['worker']} failed (exit code {proc.returncode})")
+    """Run one worker of this script in a fresh interpreter (lm_decode's driver)."""
+    return run_lm_decode_worker(spec, __file__)
 
 
 def max_abs_diff(a: list[float], b: list[float]) -> float:

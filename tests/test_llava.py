@@ -195,9 +195,8 @@ def test_ask_generates_what_transformers_generates(vlm_folder, tmp_path):
     assert vlm.kind == "vision-language-model"
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)) for i in range(2)]
     result = vlm.ask("what is here?", images=images, max_new_tokens=8, stop_token_ids=[])
-    vlm._images = [images]  # what ask() does: the ids and pixels of its first forward
-    ids, prefill = vlm._prepare(["<image><image>\nwhat is here?"], system=None, chat=True)
-    vlm._images = None
+    # what ask() does: the ids and pixels of its first forward
+    ids, prefill = vlm._prepare(["<image><image>\nwhat is here?"], system=None, chat=True, images=[images])
     assert ids[0].count(image_id) == 2 * 16 and prefill["pixel_values"].shape == (2, 3, 32, 32)
     x = torch.tensor(ids)
     with torch.no_grad():

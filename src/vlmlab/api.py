@@ -74,39 +74,43 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> LanguageModel:
             f"{folder / 'config.json'}: architecture {', '.join(archs) or '(none given)'} is not supported "
             f"(supported: {', '.join(supported)})"
         )
-    try:
-        cfg = family.LlamaConfig.from_hf(config)
-    except ConfigError as e:
-        raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+    cfg = _parse_config(folder, config, family.LlamaConfig)
     tensors, origin = read_safetensors(folder)
     net = family.LlamaForCausalLM.without_weights(cfg)
     net.load_hf_tensors(tensors, origin, dtype)
     return LanguageModel(net, Tokenizer.from_folder(folder), name=folder.name)
 
 
-def _load_llava(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguageModel:
-    """A LLaVA folder: network, tokenizer (with its chat template), image processor."""
+def _parse_config(folder: Path, config: dict, config_class):
+    """A family config from config.json; its errors name the file."""
     try:
-        cfg = llava.LlavaConfig.from_hf(config)
+        return config_class.from_hf(config)
     except ConfigError as e:
         raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+
+
+def _image_processor(folder: Path | None, kind: str, image_size: int) -> ImageProcessor:
+    """The folder's preprocessor_config.json, or the `kind` ("clip" / "siglip") default at the
+    model's image size."""
+    if folder is not None and (folder / "preprocessor_config.json").is_file():
+        return ImageProcessor.from_folder(folder)
+    return getattr(ImageProcessor, kind)(image_size)
+
+
+def _load_llava(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguageModel:
+    """A LLaVA folder: network, tokenizer (with its chat template), image processor."""
+    cfg = _parse_config(folder, config, llava.LlavaConfig)
     tensors, origin = read_safetensors(folder)
     net = llava.LlavaNet(cfg)
     net.load_hf_tensors(tensors, origin, dtype)
-    if (folder / "preprocessor_config.json").is_file():
-        processor = ImageProcessor.from_folder(folder)
-    else:
-        kind = "siglip" if cfg.vision_model_type.startswith("siglip") else "clip"
-        processor = getattr(ImageProcessor, kind)(cfg.vision.image_size)
+    kind = "siglip" if cfg.vision_model_type.startswith("siglip") else "clip"
+    processor = _image_processor(folder, kind, cfg.vision.image_size)
     return VisionLanguageModel(net, Tokenizer.from_folder(folder), processor, name=folder.name)
 
 
 def _load_dual(folder: Path, config: dict, family, dtype: torch.dtype) -> DualEncoder:
     """A CLIP / SigLIP / LiT folder: network, image processor, tokenizer."""
-    try:
-        cfg = family.Net.Config.from_hf(config)
-    except ConfigError as e:
-        raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+    cfg = _parse_config(folder, config, family.Net.Config)
     tensors, origin = read_safetensors(folder)
     net = family.Net(cfg)
     net.load_hf_tensors(tensors, origin, dtype)
@@ -118,10 +122,7 @@ def dual_encoder(net, family, folder: Path | None = None, name: str | None = Non
     or the family's default at the model's image size) and text inputs (the folder's tokenizer, or
     the locked text tower's own)."""
     cfg = net.cfg
-    if folder is not None and (folder / "preprocessor_config.json").is_file():
-        processor = ImageProcessor.from_folder(folder)
-    else:
-        processor = getattr(ImageProcessor, family.PROCESSOR)(cfg.vision.image_size)
+    processor = _image_processor(folder, family.PROCESSOR, cfg.vision.image_size)
     if hasattr(net, "text_tokenizer"):  # a locked pretrained text tower brings its own (LiT)
         tokenizer, max_length = net.text_tokenizer()
     else:

@@ -116,11 +116,12 @@ class LanguageModel:
         cfg.validate()
         return cfg
 
-    def _run(self, prompts: list, *, system, chat, stop, kwargs) -> Iterator[tuple[int, str] | list[GenerationResult]]:
+    def _run(self, prompts: list, *, system, chat, stop, kwargs,
+             images: list[list] | None = None) -> Iterator[tuple[int, str] | list[GenerationResult]]:
         """Yield (row, text delta) as text appears, then the list of results."""
         start = time.perf_counter()
         cfg = self._config(chat, stop, dict(kwargs))
-        ids, prefill = self._prepare(prompts, system=system, chat=chat)
+        ids, prefill = self._prepare(prompts, system=system, chat=chat, images=images)
         streams = [TextStream(self.tokenizer, cfg.stop_strings) for _ in prompts]
         new: list[list[int]] = [[] for _ in prompts]
         reasons = ["length"] * len(prompts)
@@ -153,8 +154,10 @@ class LanguageModel:
             results.append(GenerationResult(streams[row].text, toks, len(ids[row]), reasons[row], ttft, rate))
         yield results
 
-    def _prepare(self, prompts: list, *, system, chat) -> tuple[list[list[int]], dict]:
+    def _prepare(self, prompts: list, *, system, chat, images=None) -> tuple[list[list[int]], dict]:
         """Token ids of each prompt, and extra inputs of the first forward (a VLM adds its images)."""
+        if images and any(images):
+            raise InputError(f"{self.name} is a language model; it cannot take images")
         return [self.prompt_ids(p, system=system, chat=chat) for p in prompts], {}
 
     def generate(

@@ -26,7 +26,6 @@ class VisionLanguageModel(LanguageModel):
     def __init__(self, net: torch.nn.Module, tokenizer, processor: ImageProcessor, name: str = "model"):
         super().__init__(net, tokenizer, name=name)
         self.processor = processor
-        self._images: list[list[Any]] | None = None  # images of the prompts being prepared
 
     @property
     def image_token_id(self) -> int:
@@ -52,8 +51,8 @@ class VisionLanguageModel(LanguageModel):
                 ids += [self.image_token_id] * per_image
         return ids
 
-    def _prepare(self, prompts: list, *, system, chat) -> tuple[list[list[int]], dict]:
-        images = self._images or [[] for _ in prompts]
+    def _prepare(self, prompts: list, *, system, chat, images=None) -> tuple[list[list[int]], dict]:
+        images = images or [[] for _ in prompts]
         flat = [im for row in images for im in row]
         pixels = self.processor(flat).to(self.dtype) if flat else None
         per_image = self.features_per_image(pixels) if pixels is not None else 0
@@ -69,17 +68,15 @@ class VisionLanguageModel(LanguageModel):
             ids.append(self.expand(text, len(row), per_image))
         return ids, ({"pixel_values": pixels} if pixels is not None else {})
 
-    def ask(self, prompt: str | list[dict], images: Sequence[Any] = (), **kwargs) -> GenerationResult:
+    def ask(self, prompt: str | list[dict], images: Sequence[Any] = (), *, system: str | None = None,
+            stop: Sequence[str] | None = None, **kwargs) -> GenerationResult:
         """Answer a question (or continue chat messages) about `images` (PIL images, paths or
         bytes). A question without "<image>" markers gets one per image in front of it."""
         images = list(images)
         if isinstance(prompt, str) and images and IMAGE_MARKER not in prompt:
             prompt = IMAGE_MARKER * len(images) + "\n" + prompt
-        self._images = [images]
-        try:
-            return self.generate(prompt, **kwargs)
-        finally:
-            self._images = None
+        *_, results = self._run([prompt], system=system, chat=True, stop=stop, kwargs=kwargs, images=[images])
+        return results[0]
 
     def save(self, folder) -> None:
         super().save(folder)

@@ -16,6 +16,7 @@ rank taking its own slice of every global batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -229,7 +230,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = self.data(self.step, micro, self.rank, self.world, self.micro_batch)
             sync = micro == cfg.grad_accum - 1 or self.ddp is None
-            ctx = model.no_sync() if not sync else _nullcontext()
+            ctx = model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast("cuda" if next(self.model.parameters()).is_cuda else "cpu",
                                     dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
@@ -283,14 +284,6 @@ class Trainer:
                         plot_metrics(self.out / METRICS, self.out / LOSS_PLOT)
         self.model.eval()
         return logged
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Progress:

@@ -152,12 +152,15 @@ class VisionTransformer(nn.Module):
         if cfg.pooling == "map":
             self.head = AttentionPoolingHead(cfg)
 
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: patch, [class] and position embeddings (then CLIP's pre-LN)."""
+        x = self.embeddings(pixel_values)
+        return self.pre_layrnorm(x) if self.cfg.pre_norm else x
+
     def forward(self, pixel_values: torch.Tensor, *, num_layers: int | None = None,
                 output_hidden_states: bool = False) -> VisionOutput:
         """Encode images. num_layers: run only that many encoder layers (then `pooled` is None)."""
-        x = self.embeddings(pixel_values)
-        if self.cfg.pre_norm:
-            x = self.pre_layrnorm(x)
+        x = self.embed(pixel_values)
         states: list[torch.Tensor] | None = [] if output_hidden_states else None
         x = self.encoder(x, num_layers=num_layers, hidden_states=states)
         if num_layers is not None and num_layers < self.cfg.num_hidden_layers:
@@ -176,7 +179,5 @@ class VisionTransformer(nn.Module):
         index = layer if layer >= 0 else n + 1 + layer
         if not 0 <= index <= n:
             raise InputError(f"vision feature layer {layer} is out of range for {n} layers")
-        x = self.embeddings(pixel_values)
-        if self.cfg.pre_norm:
-            x = self.pre_layrnorm(x)
+        x = self.embed(pixel_values)
         return self.encoder(x, num_layers=index)
