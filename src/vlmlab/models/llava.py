@@ -197,3 +197,13 @@ HF_KEY_MAP: KeyMap = [
 HEAD_ATTN = "vision_tower.head.attention"  # a SigLIP tower's pooling attention (fused in_proj on disk)
 TO_HF_KEY_MAP: KeyMap = [(r"^vision_tower\.(.*)\.o_proj\.", r"vision_tower.\1.out_proj.")]
 HF_IGNORED = [r"^vision_tower\.embeddings\.position_ids$", r"rotary_emb\.inv_freq$"]
+
+# Our module paths -> those of transformers 5's LlavaForConditionalGeneration in memory, which
+# PEFT adapters name (`base_model.model.<path>.lora_A.weight`); see checkpoints/peft.py.
+PEFT_KEY_MAP: KeyMap = [
+    (r"^vision_tower\.(.*)\.o_proj$", r"vision_tower.\1.out_proj"),
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^language_model\.lm_head$", "lm_head"),
+]
