@@ -3,6 +3,6 @@
 __version__ = "0.1.0"
 
 from vlmlab import errors  # noqa: E402
-from vlmlab.api import load  # noqa: E402
+from vlmlab.api import assemble, load  # noqa: E402
 
-__all__ = ["load", "errors", "__version__"]
+__all__ = ["load", "assemble", "errors", "__version__"]

@@ -135,6 +135,43 @@ def dual_encoder(net, family, folder: Path | None = None, name: str | None = Non
 QUANTIZATIONS = ("none", "int4")
 
 
+def assemble(vision: str | Path, language_model: str | Path, *, projector: str = "mlp2x_gelu",
+             image_token: str = "<image>", vision_feature_layer: int | list[int] = -2,
+             vision_feature_select_strategy: str = "default", dtype: str | torch.dtype | None = None,
+             seed: int = 0) -> VisionLanguageModel:
+    """A LLaVA from parts: the ViT of a dual encoder (built-in name or CLIP / SigLIP / LiT folder),
+    a decoder language model (name, GGUF file or HF folder) with its tokenizer and chat template,
+    and a new, randomly initialised projector (train it: projector alignment). `image_token` is
+    an existing special token of the tokenizer that stands for one image feature (its embedding
+    is never read: features overwrite it). `save()` writes one HF LLaVA folder."""
+    dual, lm = load(vision, dtype=dtype), load(language_model, dtype=dtype)
+    if not isinstance(dual, DualEncoder):
+        raise ConfigError(f"assemble: vision {str(vision)!r} is not a dual encoder (CLIP, SigLIP, LiT)")
+    if type(lm) is not LanguageModel:
+        raise ConfigError(f"assemble: language_model {str(language_model)!r} is not a decoder language model")
+    token_id = lm.tokenizer.token_to_id(image_token)
+    if token_id is None:
+        raise ConfigError(f"assemble: {image_token!r} is not a token of {lm.name}'s tokenizer; pick one of its "
+                          "special tokens that the model never needs to read")
+    tower = dual.net.vision_model
+    kind = "clip_vision_model" if tower.cfg.class_token else "siglip_vision_model"
+    defaults, switches = llava.VISION_FAMILIES[kind]
+    vision_cfg = llava.ViTConfig.from_hf(tower.cfg.to_hf(), **switches)
+    with lm.unpacked() as text_net:
+        cfg = llava.LlavaConfig(vision_cfg, text_net.cfg, vision_model_type=kind, projector=projector,
+                                vision_feature_layer=vision_feature_layer,
+                                vision_feature_select_strategy=vision_feature_select_strategy,
+                                image_token_id=token_id, image_seq_length=vision_cfg.grid**2)
+        torch.manual_seed(seed)
+        net = llava.LlavaNet(cfg, language_model=text_net)
+    missing = net.vision_tower.load_state_dict(tower.state_dict(), strict=False)
+    if missing.missing_keys:  # the LLaVA tower has no pooling head; the dual encoder's may
+        raise ConfigError(f"assemble: the vision tower lacks {missing.missing_keys[:3]}")
+    net.to(next(text_net.parameters()).dtype)
+    name = f"{Path(str(vision)).name}+{Path(str(language_model)).name}"
+    return VisionLanguageModel(net, lm.tokenizer, dual.processor, name=name)
+
+
 def load(
     name_or_path: str | Path, *, dtype: str | torch.dtype | None = None, quantization: str | None = None
 ) -> LanguageModel | VisionLanguageModel | DualEncoder:

@@ -22,6 +22,7 @@ PACKAGED = {
 }
 DEFAULT_LM = "smollm2"
 DEFAULT_DUAL = "scenes-clip"
+DEFAULT_VLM = "scenes-smol"  # the default vision-language model (`vlmlab ask`)
 
 
 def package_file(package: str, filename: str) -> Path | None:

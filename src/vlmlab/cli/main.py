@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from vlmlab.checkpoints.resolve import DEFAULT_LM
+from vlmlab.checkpoints.resolve import DEFAULT_LM, DEFAULT_VLM
 from vlmlab.errors import InputError, VlmlabError
 
 
@@ -38,6 +38,88 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def _vlm(args: argparse.Namespace):
+    import vlmlab
+    from vlmlab.infer.vlm import VisionLanguageModel
+
+    model = vlmlab.load(args.model, dtype=args.dtype)
+    if not isinstance(model, VisionLanguageModel):
+        raise InputError(f"{args.model} is not a vision-language model (use `vlmlab generate` for text-only models)")
+    return model
+
+
+def _print_answer(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                          "boxes": [[round(v, 1) for v in b] for b in result.boxes or []],
+                          "points": [[round(v, 1) for v in p] for p in result.points or []]}, ensure_ascii=False))
+    else:
+        print(result.text)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    model = _vlm(args)
+    _print_answer(model.ask(args.question, args.image or [], system=args.system, **_generation_options(args)), args.json)
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    model = _vlm(args)
+    _print_answer(model.ask(args.prompt, [args.image], **_generation_options(args)), args.json)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """A multi-turn chat on stdin: `/image PATH` attaches an image to the next message."""
+    model = _vlm(args)
+    messages: list[dict] = []
+    images: list = []
+    pending: list = []
+    print("vlmlab chat: type a message; '/image PATH' attaches an image, '/reset' starts over, Ctrl-D quits.",
+          file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            messages, images, pending = [], [], []
+            continue
+        if line.startswith("/image "):
+            from vlmlab.vision.preprocess import load_image
+
+            try:
+                pending.append(load_image(line.removeprefix("/image ").strip()))
+            except VlmlabError as e:
+                print(f"vlmlab: error: {e}", file=sys.stderr)
+            continue
+        content = "<image>" * len(pending) + ("\n" if pending else "") + line
+        messages.append({"role": "user", "content": content})
+        images += pending
+        pending = []
+        result = model.ask(messages, images, system=args.system, **_generation_options(args))
+        print(result.text, flush=True)
+        messages.append({"role": "assistant", "content": result.text})
+    return 0
+
+
+def _train_recipe(args: argparse.Namespace) -> int:
+    from vlmlab.train.vlm import train_recipe
+
+    train_recipe(args.recipe, args.recipe_out, resume=args.resume_recipe)
+    print(f"model written to {Path(args.recipe_out) / 'model'}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.recipe is None or args.recipe_out is None:
+        raise InputError("give a subcommand (`vlmlab train clip ...`) or `--recipe NAME|FILE --out DIR`")
+    return _train_recipe(args)
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -271,8 +353,40 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--json", action="store_true", help='print {"label": best, "probs": {label: p, ...}}')
     cls.set_defaults(func=_classify)
 
-    tr = sub.add_parser("train", help="train a model")
-    tr_sub = tr.add_subparsers(dest="train_command", required=True)
+    def vlm_options(p: argparse.ArgumentParser, *, question: bool = True) -> None:
+        p.add_argument("--model", default=DEFAULT_VLM, help=f"built-in name or LLaVA folder (default: {DEFAULT_VLM})")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+        p.add_argument("--json", action="store_true",
+                       help="print {text, token_ids, boxes, points} (boxes and points in the image's pixels)")
+
+    ask = sub.add_parser("ask", help="ask a vision-language model about images")
+    ask.add_argument("question")
+    ask.add_argument("--image", action="append", default=None, help="image file (repeatable)")
+    ask.add_argument("--system", default=None, help="system message")
+    vlm_options(ask)
+    ask.set_defaults(func=_ask)
+
+    cap = sub.add_parser("caption", help="describe an image")
+    cap.add_argument("--image", required=True, help="image file")
+    cap.add_argument("--prompt", default="Describe the image.", help="the request (default: %(default)r)")
+    vlm_options(cap)
+    cap.set_defaults(func=_caption)
+
+    chat = sub.add_parser("chat", help="multi-turn chat with a vision-language model on stdin ('/image PATH')")
+    chat.add_argument("--system", default=None, help="system message")
+    vlm_options(chat)
+    chat.set_defaults(func=_chat)
+
+    tr = sub.add_parser("train", help="train a model: `train --recipe NAME|FILE --out DIR` or `train clip ...`")
+    tr.add_argument("--recipe", default=None, help="a VLM training recipe: built-in name (tiny-scenes, ...) or .toml file")
+    tr.add_argument("--out", dest="recipe_out", default=None, help="run folder (stages, metrics, model/)")
+    tr.add_argument("--resume", dest="resume_recipe", action="store_true", help="continue an interrupted run")
+    tr.set_defaults(func=_train)
+    tr_sub = tr.add_subparsers(dest="train_command")
     tc = tr_sub.add_parser("clip", help="contrastive training of a dual encoder (CLIP, SigLIP, LiT)")
     tc.add_argument("--data", default="scenes", help="'scenes' (generated on the fly) or an image-caption "
                                                       "JSONL file / folder (vlmlab data synth --format pairs)")

@@ -55,6 +55,11 @@ def parse_box(text: str, width: int, height: int) -> Box | None:
     return (x0 / BOX_SCALE * width, y0 / BOX_SCALE * height, x1 / BOX_SCALE * width, y1 / BOX_SCALE * height)
 
 
+def find_boxes(text: str, width: int, height: int) -> list[Box]:
+    """Every well-formed box in `text`, in pixels (malformed or empty ones are skipped)."""
+    return [box for m in _BOX.finditer(text) if (box := parse_box(m.group(0), width, height)) is not None]
+
+
 def format_points(points: list[Point], width: int, height: int, label: str) -> str:
     """Pixel points -> one Molmo ``<point>`` tag (one point) or ``<points>`` tag (several)."""
     if not points:

@@ -35,9 +35,13 @@ class GenerationResult:
     finish_reason: str  # "stop" (stop token or string) or "length"
     time_to_first_token_s: float
     tokens_per_s: float
+    # A VLM's answer: boxes (x0, y0, x1, y1) and points (x, y) it wrote, in the pixels of the
+    # original image they refer to (None for text-only generation).
+    boxes: list[tuple[float, float, float, float]] | None = None
+    points: list[tuple[float, float]] | None = None
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if v is not None or k not in ("boxes", "points")}
 
 
 class LanguageModel:

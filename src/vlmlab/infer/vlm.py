@@ -9,15 +9,34 @@ images' features replace those placeholders in the first forward pass.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
 
+from PIL import Image
+
+from vlmlab.data.coords import find_boxes, parse_points
 from vlmlab.errors import InputError
 from vlmlab.infer.lm import GenerationResult, LanguageModel
-from vlmlab.vision.preprocess import ImageProcessor
+from vlmlab.vision.preprocess import ImageProcessor, load_image
 
 IMAGE_MARKER = "<image>"
+
+
+def expand_images(tokenizer, text: str, n_images: int, per_image: int, image_token_id: int) -> list[int]:
+    """Token ids of rendered prompt text, each "<image>" marker -> `per_image` placeholders."""
+    parts = text.split(IMAGE_MARKER)
+    if len(parts) - 1 != n_images:
+        raise InputError(f"the prompt has {len(parts) - 1} {IMAGE_MARKER} marker(s) but {n_images} image(s) "
+                         "were given")
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+        if part:
+            ids += tokenizer.encode(part, add_special_tokens=False)
+        if i < n_images:
+            ids += [image_token_id] * per_image
+    return ids
 
 
 class VisionLanguageModel(LanguageModel):
@@ -37,20 +56,6 @@ class VisionLanguageModel(LanguageModel):
         keep_first = self.net.cfg.vision_feature_select_strategy == "full"
         return grid + int(vision.class_token and keep_first)
 
-    def expand(self, text: str, n_images: int, per_image: int) -> list[int]:
-        """Token ids of rendered prompt text, each "<image>" marker -> `per_image` placeholders."""
-        parts = text.split(IMAGE_MARKER)
-        if len(parts) - 1 != n_images:
-            raise InputError(f"the prompt has {len(parts) - 1} {IMAGE_MARKER} marker(s) but {n_images} image(s) "
-                             "were given")
-        ids: list[int] = []
-        for i, part in enumerate(parts):
-            if part:
-                ids += self.tokenizer.encode(part, add_special_tokens=False)
-            if i < n_images:
-                ids += [self.image_token_id] * per_image
-        return ids
-
     def _prepare(self, prompts: list, *, system, chat, images=None) -> tuple[list[list[int]], dict]:
         images = images or [[] for _ in prompts]
         flat = [im for row in images for im in row]
@@ -65,18 +70,36 @@ class VisionLanguageModel(LanguageModel):
                 if system is not None:
                     messages = [{"role": "system", "content": system}, *messages]
                 text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            ids.append(self.expand(text, len(row), per_image))
+            ids.append(expand_images(self.tokenizer, text, len(row), per_image, self.image_token_id))
         return ids, ({"pixel_values": pixels} if pixels is not None else {})
 
-    def ask(self, prompt: str | list[dict], images: Sequence[Any] = (), *, system: str | None = None,
+    def ask(self, prompt: str | list[dict], images: Any = (), *, system: str | None = None,
             stop: Sequence[str] | None = None, **kwargs) -> GenerationResult:
         """Answer a question (or continue chat messages) about `images` (PIL images, paths or
-        bytes). A question without "<image>" markers gets one per image in front of it."""
-        images = list(images)
+        bytes; one or a list). A question without "<image>" markers gets one per image in front
+        of it. `ask(image, "question")` (image first) works too."""
+        if isinstance(images, str):  # ask(image, "question")
+            prompt, images = images, prompt
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
+            images = [images]
+        images = [im if isinstance(im, Image.Image) else load_image(im) for im in images]  # decoded once
         if isinstance(prompt, str) and images and IMAGE_MARKER not in prompt:
             prompt = IMAGE_MARKER * len(images) + "\n" + prompt
         *_, results = self._run([prompt], system=system, chat=True, stop=stop, kwargs=kwargs, images=[images])
-        return results[0]
+        return self.locate(results[0], images)
+
+    def locate(self, result: GenerationResult, images: Sequence[Any]) -> GenerationResult:
+        """Fill `result.boxes` / `.points` with the locations its text names, mapped from the
+        model's view (0-1000 boxes, percentage points; coords.py) to the first image's pixels."""
+        result.boxes, result.points = [], []
+        if not images:
+            return result
+        image = images[0] if isinstance(images[0], Image.Image) else load_image(images[0])
+        left, top, right, bottom = self.processor.view(image.width, image.height)
+        w, h = right - left, bottom - top
+        result.boxes = [(x0 + left, y0 + top, x1 + left, y1 + top) for x0, y0, x1, y1 in find_boxes(result.text, w, h)]
+        result.points = [(x + left, y + top) for x, y in parse_points(result.text, w, h) or []]
+        return result
 
     def save(self, folder) -> None:
         super().save(folder)

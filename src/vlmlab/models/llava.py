@@ -108,13 +108,14 @@ class LlavaConfig:
 
 
 class LlavaNet(nn.Module):
-    def __init__(self, cfg: LlavaConfig):
+    def __init__(self, cfg: LlavaConfig, language_model: LlamaForCausalLM | None = None):
+        """`language_model`: an existing decoder to use (assembling a model from parts)."""
         super().__init__()
         self.cfg = cfg
         self.vision_tower = VisionTransformer(cfg.vision)
         width = cfg.vision.hidden_size * len(cfg.feature_layers)
         self.multi_modal_projector = Projector(cfg.projector, width, cfg.text.hidden_size, cfg.projector_bias)
-        self.language_model = LlamaForCausalLM(cfg.text)
+        self.language_model = language_model if language_model is not None else LlamaForCausalLM(cfg.text)
 
     # What generation asks of a decoder (the language model's).
     @property
@@ -162,10 +163,12 @@ class LlavaNet(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache=None, logits_to_keep: int = 0) -> torch.Tensor:
-        """Logits (batch, seq, vocab). With a cache, later steps pass only new ids and no pixels."""
+                cache=None, logits_to_keep: int = 0, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab), or as `LlamaForCausalLM.forward` selects them. With a
+        cache, later steps pass only new ids and no pixels."""
         return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                                   position_ids=position_ids, cache=cache, logits_to_keep=logits_to_keep)
+                                   position_ids=position_ids, cache=cache, logits_to_keep=logits_to_keep,
+                                   logits_at=logits_at)
 
     # ---- checkpoints ----
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmlab.nn import checkpointing
 from vlmlab.nn.attention import Attention
 from vlmlab.nn.mlp import MLP
 
@@ -45,6 +46,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(
             EncoderLayer(dim, num_heads, mlp_dim, act, eps, norm_first=norm_first, bias=bias) for _ in range(num_layers)
         )
+        self.gradient_checkpointing = False  # nn/checkpointing.py
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 *, num_layers: int | None = None, hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -53,7 +55,7 @@ class Encoder(nn.Module):
         if hidden_states is not None:
             hidden_states.append(x)
         for layer in self.layers[:num_layers]:
-            x = layer(x, mask, is_causal)
+            x = checkpointing.call(self, layer, x, mask, is_causal)
             if hidden_states is not None:
                 hidden_states.append(x)
         return x

@@ -21,6 +21,7 @@ from vlmlab.checkpoints.hf import require_positive
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
 from vlmlab.errors import ConfigError, InputError
 from vlmlab.nn import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, make_attention_mask
+from vlmlab.nn import checkpointing
 from vlmlab.nn.quant import Int4Weight, dense_state_dict, use_int4_weights
 
 # HF architectures (config.json "architectures") and GGUF `general.architecture` values served here.
@@ -224,6 +225,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.gradient_checkpointing = False  # nn/checkpointing.py
 
     def forward(
         self,
@@ -264,7 +266,7 @@ class LlamaModel(nn.Module):
                         t, past + t, causal=True, padding_mask=padding, sliding_window=window, device=x.device
                     )
                 mask, is_causal = masks[window]
-            x = layer(x, rope, mask, is_causal, cache)
+            x = checkpointing.call(self, layer, x, rope, mask, is_causal, cache)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
@@ -314,12 +316,17 @@ class LlamaForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for every position, or only the last `logits_to_keep` (saves the big head matmul)."""
+        """Logits (batch, seq, vocab) for every position, or only the last `logits_to_keep`, or
+        (n, vocab) at the n True positions of the boolean (batch, seq) `logits_at` (training: the
+        positions that predict a labelled token). The last two save most of the big head matmul."""
         h = self.model(
             input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache
         )
-        if logits_to_keep:
+        if logits_at is not None:
+            h = h[logits_at]
+        elif logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
 

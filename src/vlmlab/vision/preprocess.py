@@ -341,6 +341,18 @@ class ImageProcessor:
         new_long = int(target * long / short)  # truncation, not rounding: torchvision's rule
         return (new_long, target) if width <= height else (target, new_long)
 
+    def view(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The region (left, top, right, bottom) of a width x height original that the model
+        sees after resize and centre crop, in the original's pixels (beyond the image where
+        the crop pads). Coordinates a model writes relative to its input map back through it."""
+        rh, rw = self.resize_size(height, width) if self.do_resize else (height, width)
+        sx, sy = width / rw, height / rh
+        if not self.do_center_crop:
+            return 0.0, 0.0, float(width), float(height)
+        ch, cw = self.crop_size["height"], self.crop_size["width"]
+        top, left = (rh - ch) // 2, (rw - cw) // 2  # floor, as center_crop (negative: padding)
+        return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
+
     def pixels(self, image: Image.Image) -> np.ndarray:
         """The resized and cropped uint8 (H, W, 3) pixels of one image (before rescale / normalise)."""
         if self.do_convert_rgb:

@@ -1,0 +1,350 @@
+"""Training generative VLMs (the LLaVA family): chats become token ids whose labels cover only
+the assistant's tokens, and stages (projector alignment, instruction tuning, LoRA) are recipes.
+
+A recipe is a TOML file (`recipes/NAME.toml` in the package, or any path) with a `[model]`
+table saying how to build the starting model and a list of `[[stages]]`; each stage names its
+data, its `TrainConfig` fields (what trains at which learning rate: `param_groups`, 0 = frozen)
+and optionally LoRA adapters. `train_recipe` runs the stages in order, stage i in `out/i-name/`
+with its own checkpoint and metrics (each resumable exactly), and writes the result to
+`out/model/` (an HF LLaVA folder, LoRA merged) plus `out/adapter/` (PEFT layout) when a stage
+used LoRA.
+
+Model sources in `[model]`:
+  new = {...}       a LLaVA built from scratch (`vision`, `text` config fields, `projector`,
+                    `tokenizer` = a language model whose tokenizer to use, `image_token`)
+  assemble = {...}  parts: `vision` = a dual encoder (its ViT), `language_model` = a decoder
+                    (built-in name, GGUF or HF folder), a new `projector`, `image_token`
+  from = "DIR"      a saved LLaVA folder
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmlab.data.scenes.sample import Sample
+from vlmlab.errors import ConfigError, DataError, InputError
+from vlmlab.infer.vlm import IMAGE_MARKER, VisionLanguageModel, expand_images
+from vlmlab.nn.lora import lora_param_groups
+from vlmlab.train.trainer import TrainConfig, Trainer
+
+IGNORE_INDEX = -100
+
+
+# ---- chats -> ids and labels --------------------------------------------------------------------
+
+
+def sample_messages(sample: Sample) -> list[dict[str, str]]:
+    """A scenes / LLaVA-JSON sample as chat messages (images stay "<image>" markers)."""
+    return [{"role": t.role, "content": t.text} for t in sample.turns]
+
+
+def chat_tokens(tokenizer, messages: list[dict], *, image_token_id: int, per_image: int,
+                system: str | None = None) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a conversation rendered with the tokenizer's chat template: every
+    assistant turn's own tokens (its content and end-of-turn) are labelled, everything else
+    (system, user turns, the assistant header, image placeholders) is IGNORE_INDEX. Each turn's
+    prompt is the template rendered up to it with the generation prompt, exactly what `ask`
+    feeds the model at inference."""
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
+    if not any(m.get("role") == "assistant" for m in messages):
+        raise DataError("a training conversation needs at least one assistant turn")
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ConfigError("the chat template does not render a conversation as a growing prefix; "
+                              "assistant-only labels cannot be placed")
+        part = prompt[len(done):]
+        prompt_ids = expand_images(tokenizer, part, part.count(IMAGE_MARKER), per_image, image_token_id)
+        answer_ids = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
+        ids += prompt_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        done = full
+    return ids, labels
+
+
+class ChatBatcher:
+    """Samples -> a padded training batch for a `VisionLanguageModel`'s network."""
+
+    def __init__(self, model: VisionLanguageModel, max_length: int | None = None, system: str | None = None):
+        self.model, self.system = model, system
+        self.max_length = max_length or model.net.context_length
+        self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        images = [im for s in samples for im in s.images]
+        pixels = self.model.processor(images) if images else None
+        per_image = self.model.features_per_image(pixels) if pixels is not None else 0
+        rows = []
+        for s in samples:
+            ids, labels = chat_tokens(self.model.tokenizer, sample_messages(s), image_token_id=self.model.image_token_id,
+                                      per_image=per_image, system=self.system)
+            if len(ids) > self.max_length:
+                raise DataError(f"sample {s.id}: {len(ids)} tokens with its images, more than max_length "
+                                f"{self.max_length}")
+            rows.append((ids, labels))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (ids, lab) in enumerate(rows):  # right padding: positions start at 0 in every row
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            labels[r, : len(lab)] = torch.tensor(lab)
+            mask[r, : len(ids)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if pixels is not None:
+            batch["pixel_values"] = pixels
+        return batch
+
+
+def next_token_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the labelled tokens (the head runs only at the positions predicting them)."""
+    targets = batch["labels"][:, 1:]
+    at = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    at[:, :-1] = targets != IGNORE_INDEX
+    logits = model(batch["input_ids"], batch.get("pixel_values"), attention_mask=batch["attention_mask"],
+                   logits_at=at)
+    gold = targets[targets != IGNORE_INDEX]
+    if gold.numel() == 0:
+        raise DataError("a training batch has no labelled (assistant) tokens")
+    loss = F.cross_entropy(logits.float(), gold)
+    return loss, {"token_acc": float((logits.argmax(-1) == gold).float().mean()), "tokens": float(gold.numel())}
+
+
+# ---- data sources ---------------------------------------------------------------------------------
+
+
+def sample_source(spec: dict[str, Any], seed: int = 0) -> Callable[[int], Sample]:
+    """index -> Sample, deterministic. spec: {source = "scenes", tasks = "vqa:2,caption", split,
+    scene = {SceneConfig fields}} or {source = "PATH" of a LLaVA-JSON file or folder}."""
+    spec = dict(spec)
+    source = spec.pop("source", "scenes")
+    if source == "scenes":
+        from vlmlab.data.scenes.scene import SceneConfig
+        from vlmlab.data.scenes.stream import SceneStream
+        from vlmlab.data.scenes.tasks import TaskMix
+
+        mix = TaskMix.parse(spec.pop("tasks")) if "tasks" in spec else None
+        try:
+            config = SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.pop("scene", {}).items()})
+        except TypeError as e:
+            raise ConfigError(f"data.scene: {e}") from None
+        stream = SceneStream(spec.pop("split", "train"), mix, config, base_seed=spec.pop("base_seed", 0),
+                             rank=0, world_size=1)
+        _no_extra(spec, "data")
+        return stream.sample
+    from vlmlab.data.llava_json import read_llava_json
+
+    path = Path(source)
+    samples = read_llava_json(path / "data.json" if path.is_dir() else path, spec.pop("image_root", None))
+    _no_extra(spec, "data")
+    if not samples:
+        raise DataError(f"{source}: no samples")
+    orders: dict[int, np.ndarray] = {}
+
+    def get(index: int) -> Sample:
+        epoch, i = divmod(index, len(samples))
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(samples))
+        return samples[int(orders[epoch][i])]
+
+    return get
+
+
+def batches(source: Callable[[int], Sample], batcher: ChatBatcher, batch_size: int):
+    """The Trainer's data function: this rank's micro-slice of the global batch of `step`."""
+
+    def data(step: int, micro: int, rank: int, world: int, size: int):
+        start = step * batch_size + (micro * world + rank) * size
+        return batcher([source(start + i) for i in range(size)])
+
+    return data
+
+
+# ---- recipes ----------------------------------------------------------------------------------------
+
+
+def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
+    """A recipe by built-in name (`recipes/NAME.toml`) or TOML file path."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        builtin = resources.files("vlmlab") / "recipes" / f"{name_or_path}.toml"
+        if not builtin.is_file():
+            names = sorted(p.name.removesuffix(".toml") for p in (resources.files("vlmlab") / "recipes").iterdir()
+                           if p.name.endswith(".toml"))
+            raise ConfigError(f"unknown recipe {str(name_or_path)!r}; built-in recipes: {', '.join(names)} "
+                              "(or pass a .toml file)")
+        text, origin = builtin.read_text(), f"recipe {name_or_path}"
+    else:
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found")
+        text, origin = path.read_text(), str(path)
+    try:
+        recipe = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{origin}: not valid TOML ({e})") from None
+    if not isinstance(recipe.get("model"), dict) or not recipe.get("stages"):
+        raise ConfigError(f"{origin}: a recipe needs a [model] table and at least one [[stages]] entry")
+    recipe["origin"] = origin
+    return recipe
+
+
+def _no_extra(spec: dict, where: str) -> None:
+    if spec:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(spec))}")
+
+
+def build_model(spec: dict[str, Any]) -> VisionLanguageModel:
+    """The starting model of a recipe (see the module docstring)."""
+    import vlmlab
+
+    kinds = [k for k in ("new", "assemble", "from") if k in spec]
+    if len(kinds) != 1:
+        raise ConfigError("[model] needs exactly one of 'new', 'assemble' or 'from'")
+    if "from" in spec:
+        model = vlmlab.load(spec["from"])
+        if not isinstance(model, VisionLanguageModel):
+            raise ConfigError(f"[model] from: {model.name} is not a vision-language model")
+        return model
+    try:
+        if "new" in spec:
+            return new_llava(**spec["new"])
+        return vlmlab.assemble(**spec["assemble"])
+    except TypeError as e:
+        raise ConfigError(f"[model]: {e}") from None
+
+
+def new_llava(*, vision: dict[str, Any], text: dict[str, Any], tokenizer: str = "smollm2",
+              image_token: str = "<image>", projector: str = "mlp2x_gelu", vision_feature_layer: int = -1,
+              vision_feature_select_strategy: str = "default", seed: int = 0) -> VisionLanguageModel:
+    """A LLaVA with every weight new (HF's init: normal(0, 0.02) matrices and embeddings, zero
+    biases, unit norms): a CLIP-style ViT from `vision` fields, a Llama decoder from `text` HF
+    fields, sized to the vocabulary of `tokenizer` (the tokenizer and chat template of that
+    language model, built-in name or path)."""
+    from vlmlab.checkpoints.gguf import read_gguf
+    from vlmlab.checkpoints.resolve import resolve
+    from vlmlab.models.llava import VISION_FAMILIES, LlavaConfig, LlavaNet
+    from vlmlab.text.llama import LlamaConfig
+    from vlmlab.vision.preprocess import ImageProcessor
+    from vlmlab.text.tokenizer import Tokenizer
+    from vlmlab.vision.vit import ViTConfig
+
+    path = resolve(tokenizer)
+    tok = Tokenizer.from_gguf(read_gguf(path)) if path.is_file() else Tokenizer.from_folder(path)
+    token_id = tok.token_to_id(image_token)
+    if token_id is None:
+        raise ConfigError(f"image_token {image_token!r} is not a token of {tokenizer}'s tokenizer")
+    text = {"vocab_size": tok.vocab_size, "tie_word_embeddings": True, "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id, **text}
+    defaults, switches = VISION_FAMILIES["clip_vision_model"]
+    vision_cfg = ViTConfig.from_hf({**defaults, **vision}, **switches)
+    cfg = LlavaConfig(vision_cfg, LlamaConfig.from_hf(text), projector=projector,
+                      vision_feature_layer=vision_feature_layer,
+                      vision_feature_select_strategy=vision_feature_select_strategy, image_token_id=token_id,
+                      image_seq_length=vision_cfg.grid**2)
+    torch.manual_seed(seed)
+    net = LlavaNet(cfg)
+    for module in net.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    for name, p in net.named_parameters():
+        if name.endswith("class_embedding"):
+            nn.init.normal_(p, std=0.02)
+    net.tie_weights()
+    return VisionLanguageModel(net, tok, ImageProcessor.clip(vision_cfg.image_size), name="new-llava")
+
+
+def _stage_config(stage: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    train = {k: v for k, v in stage.items() if k in names}
+    unknown = set(stage) - names - {"name", "data", "lora", "gradient_checkpointing", "max_length", "system"}
+    if unknown:
+        raise ConfigError(f"stage {stage.get('name', '?')!r}: unknown field(s) {', '.join(sorted(unknown))}")
+    return TrainConfig(**train)
+
+
+def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume: bool = False,
+                 progress: bool = True) -> VisionLanguageModel:
+    """Run every stage of `recipe` into `out`; returns the trained model (saved to out/model)."""
+    from vlmlab.nn.checkpointing import set_gradient_checkpointing
+
+    if not isinstance(recipe, dict):
+        recipe = load_recipe(recipe)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(recipe["model"])
+    net = model.net
+    lora_used = None
+    for i, stage in enumerate(recipe["stages"]):
+        name = stage.get("name", f"stage{i}")
+        cfg = _stage_config(stage)
+        if "lora" in stage:
+            lora_used, adapted = _add_lora(net, stage["lora"])
+            lr = stage["lora"].get("lr", cfg.lr)
+            adapters = {k: v for k, v in lora_param_groups(adapted, lr).items() if k}  # not its "" = 0
+            cfg.param_groups = {**cfg.param_groups, **adapters}
+        set_gradient_checkpointing(net, bool(stage.get("gradient_checkpointing", False)))
+        stage_dir = out / f"{i}-{name}"
+        source = sample_source(stage.get("data", {"source": "scenes"}), seed=cfg.seed)
+        batcher = ChatBatcher(model, stage.get("max_length"), stage.get("system"))
+        trainer = Trainer(net, next_token_step, batches(source, batcher, cfg.batch_size), cfg, stage_dir,
+                          samples_per_batch="samples")
+        done = stage_dir / "done.json"
+        if resume and done.is_file():  # finished before: its checkpoint holds the stage's final weights
+            trainer.load_checkpoint()
+            continue
+        done.unlink(missing_ok=True)
+        trainer.fit(resume=resume and (stage_dir / "checkpoint.safetensors").is_file(), progress=progress)
+        if trainer.is_main:
+            done.write_text(json.dumps({"stage": name, "steps": cfg.steps}) + "\n")
+    set_gradient_checkpointing(net, False)
+    net.eval()
+    if lora_used is not None:
+        from vlmlab.checkpoints.peft import save_adapter
+        from vlmlab.models.llava import PEFT_KEY_MAP
+        from vlmlab.nn.lora import merge_lora
+
+        save_adapter(net, out / "adapter", lora_used, base_model_name_or_path=str(recipe.get("name", "")),
+                     key_map=PEFT_KEY_MAP)
+        merge_lora(net)
+    model.save(out / "model")
+    return model
+
+
+def _add_lora(net: nn.Module, spec: dict[str, Any]):
+    """(LoRAConfig, adapted module names): adapters added per `spec` (fields of LoRAConfig, plus
+    `lr`), or the ones an earlier stage added."""
+    from vlmlab.nn.lora import LoRAConfig, LoRALinear, apply_lora
+
+    spec = {k: v for k, v in spec.items() if k != "lr"}
+    if "target_modules" in spec and isinstance(spec["target_modules"], list):
+        spec["target_modules"] = tuple(spec["target_modules"])
+    try:
+        cfg = LoRAConfig(**spec)
+    except TypeError as e:
+        raise ConfigError(f"lora: {e}") from None
+    existing = [n for n, m in net.named_modules() if isinstance(m, LoRALinear)]
+    return cfg, existing or apply_lora(net, cfg)
+
+
+__all__ = ["IGNORE_INDEX", "ChatBatcher", "build_model", "chat_tokens", "load_recipe", "next_token_step",
+           "new_llava", "sample_messages", "sample_source", "train_recipe"]
