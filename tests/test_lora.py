@@ -25,7 +25,7 @@ from vlmlab.errors import CheckpointError, ConfigError  # noqa: E402
 from vlmlab.models.llava import PEFT_KEY_MAP  # noqa: E402
 from vlmlab.nn.lora import (LoRAConfig, LoRALinear, apply_lora, lora_param_groups, lora_state_dict,  # noqa: E402
                             merge_lora)
-from vlmlab.nn.packed import pack_for_inference  # noqa: E402
+from vlmlab.nn.packed import pack_for_inference, unpack  # noqa: E402
 from vlmlab.text.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from vlmlab.train.trainer import TrainConfig, Trainer  # noqa: E402
 
@@ -242,12 +242,22 @@ def test_merge_gives_the_same_logits_and_loads_in_transformers(llama_folder, tmp
     torch.testing.assert_close(logits(back), before, atol=1e-4, rtol=0)
 
 
-def test_packing_and_tied_merge_are_refused(tmp_path):
+def test_packing_leaves_adapters_alone_and_tied_merge_is_refused(tmp_path):
     build_tiny_hf("llama", tmp_path, tie_word_embeddings=True)
     net = our_llama(tmp_path)
     apply_lora(net, LoRAConfig(r=2, target_modules=("q_proj", "lm_head")))
-    with pytest.raises(ConfigError, match=r"model.layers.0.self_attn.q_proj' has an unmerged LoRA .*merge_lora"):
-        pack_for_inference(net)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        net.to(torch.bfloat16)
+        ids = torch.tensor([[1, 5, 9, 2]])
+        before = net(ids)
+        pack_for_inference(net)  # adapted layers are not fused with their siblings; the numbers stay
+        assert isinstance(net.model.layers[0].self_attn.q_proj, LoRALinear)
+        torch.testing.assert_close(net(ids), before)
+        unpack(net)
+    net.to(torch.float32)
     with pytest.raises(ConfigError, match=r"'lm_head': its weight is shared with 'model.embed_tokens.weight'"):
         merge_lora(net)
     assert isinstance(net.model.layers[0].self_attn.q_proj, LoRALinear)  # refused before merging anything

@@ -254,3 +254,39 @@ def test_assembled_model_saves_a_folder_transformers_runs_identically(tmp_path):
     again = vlmlab.load(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again.net(ids, extra["pixel_values"]), ours, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_parts_folder_loads_the_language_model_by_name_and_merges_the_adapter(tmp_path):
+    """What vlmlab ships for an assembled model: vision tower + projector + PEFT adapter, with
+    the language model named, not copied. Loading it gives the trained model's logits."""
+    import vlmlab
+    from vlmlab.api import save_parts
+    from vlmlab.checkpoints.peft import save_adapter
+    from vlmlab.models.llava import PEFT_KEY_MAP
+    from vlmlab.nn.lora import LoRAConfig, apply_lora
+
+    model = vlmlab.assemble("scenes-clip", "smollm2", image_token="<empty_output>", seed=3)
+    lora = LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "down_proj"), under="language_model")
+    apply_lora(model.net, lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    save_adapter(model.net, tmp_path / "adapter", lora, key_map=PEFT_KEY_MAP)
+    save_parts(model, tmp_path / "parts", "smollm2", adapter=tmp_path / "adapter")
+    size = sum(f.stat().st_size for f in (tmp_path / "parts").rglob("*") if f.is_file())
+    assert size < 40e6  # no language model weights inside
+    image = generate_sample("count", 3, "test").images[0]
+    ids, extra = model._prepare(["<image>\nHow many objects?"], system=None, chat=True, images=[[image]])
+    ids = torch.tensor(ids)
+    loaded = vlmlab.load(tmp_path / "parts")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(ids, extra["pixel_values"]), model.net(ids, extra["pixel_values"]),
+                                   atol=1e-4, rtol=0)
+    config = json.loads((tmp_path / "parts" / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 3
+    (tmp_path / "parts" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="does not describe 'smollm2'"):
+        vlmlab.load(tmp_path / "parts")

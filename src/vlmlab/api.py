@@ -98,14 +98,59 @@ def _image_processor(folder: Path | None, kind: str, image_size: int) -> ImagePr
 
 
 def _load_llava(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguageModel:
-    """A LLaVA folder: network, tokenizer (with its chat template), image processor."""
+    """A LLaVA folder: network, tokenizer (with its chat template), image processor.
+
+    A folder of parts (what vlmlab ships: `"vlmlab_language_model": NAME` in config.json) holds
+    only the vision tower and projector; the language model comes from NAME (a built-in model,
+    GGUF file or folder, which brings the tokenizer) plus the LoRA adapter in `adapter/`, merged.
+    """
     cfg = _parse_config(folder, config, llava.LlavaConfig)
     tensors, origin = read_safetensors(folder)
-    net = llava.LlavaNet(cfg)
-    net.load_hf_tensors(tensors, origin, dtype)
     kind = "siglip" if cfg.vision_model_type.startswith("siglip") else "clip"
     processor = _image_processor(folder, kind, cfg.vision.image_size)
-    return VisionLanguageModel(net, Tokenizer.from_folder(folder), processor, name=folder.name)
+    source = config.get(PARTS_FIELD)
+    if source is None:
+        net = llava.LlavaNet(cfg)
+        net.load_hf_tensors(tensors, origin, dtype)
+        return VisionLanguageModel(net, Tokenizer.from_folder(folder), processor, name=folder.name)
+    lm = load(source, dtype=torch.float32)
+    if type(lm) is not LanguageModel:
+        raise ConfigError(f"{folder / 'config.json'}: {PARTS_FIELD} {source!r} is not a decoder language model")
+    with lm.unpacked() as text_net:
+        if text_net.cfg.to_hf() != cfg.text.to_hf():
+            raise ConfigError(f"{folder / 'config.json'}: text_config does not describe {source!r}")
+        net = llava.LlavaNet(cfg, language_model=text_net)
+    net.load_hf_tensors(tensors, origin, torch.float32, with_language_model=False)
+    if (folder / "adapter").is_dir():
+        from vlmlab.checkpoints.peft import load_adapter
+
+        load_adapter(net, folder / "adapter", key_map=llava.PEFT_KEY_MAP, merge=True)
+    return VisionLanguageModel(net.to(dtype), lm.tokenizer, processor, name=folder.name)
+
+
+PARTS_FIELD = "vlmlab_language_model"  # config.json of a parts folder: where its language model comes from
+
+
+def save_parts(model: VisionLanguageModel, folder: str | Path, language_model: str,
+               adapter: str | Path | None = None) -> None:
+    """Write `model` as parts (see `_load_llava`): config.json naming `language_model`, the
+    vision tower + projector tensors, the image processor, and a copy of the PEFT `adapter`
+    folder. `model`'s language model must be `language_model` itself, LoRA not merged in."""
+    import shutil
+
+    from vlmlab.checkpoints.hf import write_json, write_safetensors
+
+    folder = Path(folder)
+    with model.unpacked() as net:
+        tensors = {k: v for k, v in net.hf_state_dict().items() if not k.startswith("language_model.")}
+        if any(".lora_" in k for k in tensors):
+            raise ConfigError("save_parts: LoRA adapters outside the language model cannot be saved as parts")
+        cfg = {**net.cfg.to_hf(), PARTS_FIELD: language_model, "dtype": "float32"}
+    write_safetensors(folder / "model.safetensors", tensors)
+    write_json(folder / "config.json", cfg)
+    model.processor.to_folder(folder)
+    if adapter is not None:
+        shutil.copytree(adapter, folder / "adapter", dirs_exist_ok=True)
 
 
 def _load_dual(folder: Path, config: dict, family, dtype: torch.dtype) -> DualEncoder:

@@ -172,9 +172,14 @@ class LlavaNet(nn.Module):
 
     # ---- checkpoints ----
 
-    def load_hf_tensors(self, tensors: dict[str, torch.Tensor], origin, dtype: torch.dtype | None = None) -> None:
+    def load_hf_tensors(self, tensors: dict[str, torch.Tensor], origin, dtype: torch.dtype | None = None, *,
+                        with_language_model: bool = True) -> None:
+        """Load a checkpoint strictly; `with_language_model=False`: the file holds only the vision
+        tower and projector (the language model was given to the constructor)."""
         renamed = siglip.split_in_proj({rename(k, HF_KEY_MAP): v for k, v in tensors.items()}, origin, HEAD_ATTN)
         optional = ["language_model.lm_head.weight"] if self.cfg.text.tie_word_embeddings else []
+        if not with_language_model:
+            optional = [k for k in self.state_dict() if k.startswith("language_model.")]
         load_state(self, renamed, origin=origin, ignore=HF_IGNORED, optional=optional, dtype=dtype)
         self.language_model.tie_weights()
 

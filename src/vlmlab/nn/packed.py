@@ -19,8 +19,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from vlmlab.errors import ConfigError
-from vlmlab.nn.lora import LoRALinear
 from vlmlab.nn.quant import Int4Linear
 
 
@@ -92,13 +90,10 @@ def pack_for_inference(net: nn.Module) -> bool:
     """Fuse sibling projections and pack linears for fast inference, in place; True if anything changed.
 
     Dense linears are packed for oneDNN when the network's dtype supports it; 4-bit linears
-    (`Int4Linear`) are fused in any dtype (they carry their own kernel). A LoRA adapter must be
-    merged first (`nn/lora.py:merge_lora`): packing has no place for its branch.
+    (`Int4Linear`) are fused in any dtype (they carry their own kernel). Layers with an unmerged
+    LoRA adapter (`nn/lora.py`) are left as they are, and so are their fusion siblings: merge
+    first (`merge_lora`) for full speed.
     """
-    adapted = next((n for n, m in net.named_modules() if isinstance(m, LoRALinear)), None)
-    if adapted is not None:
-        raise ConfigError(f"'{adapted}' has an unmerged LoRA adapter; call merge_lora(net) before packing "
-                          "for inference")
     dtypes = {p.dtype for p in net.parameters()}
     dense_ok = len(dtypes) == 1 and onednn_packing_available(dtypes.pop())
     changed = False

@@ -7,7 +7,8 @@ data, its `TrainConfig` fields (what trains at which learning rate: `param_group
 and optionally LoRA adapters. `train_recipe` runs the stages in order, stage i in `out/i-name/`
 with its own checkpoint and metrics (each resumable exactly), and writes the result to
 `out/model/` (an HF LLaVA folder, LoRA merged) plus `out/adapter/` (PEFT layout) when a stage
-used LoRA.
+used LoRA, and, for an assembled model, `out/parts/`: the vision tower, projector and adapter
+alone, loading the language model by name (`api.save_parts`; what vlmlab ships).
 
 Model sources in `[model]`:
   new = {...}       a LLaVA built from scratch (`vision`, `text` config fields, `projector`,
@@ -321,10 +322,17 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
     if lora_used is not None:
         from vlmlab.checkpoints.peft import save_adapter
         from vlmlab.models.llava import PEFT_KEY_MAP
-        from vlmlab.nn.lora import merge_lora
 
         save_adapter(net, out / "adapter", lora_used, base_model_name_or_path=str(recipe.get("name", "")),
                      key_map=PEFT_KEY_MAP)
+    if "assemble" in recipe["model"]:  # what vlmlab ships: vision tower, projector, adapter; the LM by name
+        from vlmlab.api import save_parts
+
+        save_parts(model, out / "parts", recipe["model"]["assemble"]["language_model"],
+                   adapter=out / "adapter" if lora_used is not None else None)
+    if lora_used is not None:
+        from vlmlab.nn.lora import merge_lora
+
         merge_lora(net)
     model.save(out / "model")
     return model
