@@ -207,12 +207,17 @@ def worker_encode(spec: dict) -> dict:
         "load_s": load_s,
         "rss_before_load_mib": rss0,
         "rss_after_load_mib": rss1,
-        "peak_rss_mib": peak_rss_mib(),
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
-        "threads": torch.get_num_threads(),
+        **process_stats(load_before),
         **extra,
     }
+
+
+def process_stats(load_before: list[float] | None) -> dict:
+    """A worker's peak RSS (VmHWM: including loading), the load average before timing and now, its threads."""
+    import torch
+
+    return {"peak_rss_mib": peak_rss_mib(), "loadavg_before": load_before, "loadavg_after": loadavg(),
+            "threads": torch.get_num_threads()}
 
 
 def text_batch(batch: int, positions: int, vocab: int, generator):
@@ -257,41 +262,48 @@ def worker_train(spec: dict) -> dict:
 
         def forward(pixels, ids, mask):
             return model(input_ids=ids, pixel_values=pixels, attention_mask=mask, return_loss=True).loss
-    model.train().requires_grad_(True)
     load_s = time.perf_counter() - t
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, **ADAMW)
     size = cfg["vision_config"]["image_size"]
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(SEED_PIXELS))
     text = cfg["text_config"]
     ids, mask = text_batch(batch, text["max_position_embeddings"], text["vocab_size"],
                            torch.Generator().manual_seed(SEED_TEXT))
 
+    result = time_training(model, lambda: forward(pixels, ids, mask), ADAMW, bf16, spec["warmup"], spec["repeats"],
+                           "steps_per_s", 1)
+    return {**result, "load_s": load_s, "rss_before_load_mib": rss0, **extra}
+
+
+def time_training(model, loss_of, adamw: dict, bf16: bool, warmup: int, repeats: int, rate: str,
+                  per_step: float) -> dict:
+    """Train all of `model`'s parameters with AdamW(**adamw), the same loop for any library: zero_grad,
+    `loss_of()` (under bfloat16 autocast when bf16), backward, step. `warmup` steps, then `repeats`
+    timed ones, each with `rate` = per_step / its wall time; the first (warm-up) step's loss."""
+    import torch
+
+    model.train().requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, **adamw)
+
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(pixels, ids, mask)
+            loss = loss_of()
         loss.backward()
         optimizer.step()
         return float(loss)
 
     load_before = loadavg()
-    first_loss, runs, load = timed_calls(step, spec["warmup"], spec["repeats"])
+    first_loss, runs, load = timed_calls(step, warmup, repeats)
     for r in runs:
-        r["steps_per_s"] = 1 / r["s"]
+        r[rate] = per_step / r["s"]
     return {
-        **summarise(runs, "steps_per_s", load),
+        **summarise(runs, rate, load),
         "runs": runs,
         "first_loss": first_loss,
         "params": sum(p.numel() for p in params),
-        "optimizer": {**ADAMW, "foreach": optimizer.defaults.get("foreach"), "fused": optimizer.defaults.get("fused")},
-        "load_s": load_s,
-        "rss_before_load_mib": rss0,
-        "peak_rss_mib": peak_rss_mib(),
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
-        "threads": torch.get_num_threads(),
-        **extra,
+        "optimizer": {**adamw, "foreach": optimizer.defaults.get("foreach"), "fused": optimizer.defaults.get("fused")},
+        **process_stats(load_before),
     }
 
 
@@ -378,16 +390,8 @@ def describe(part: dict) -> str:
     return f"{vision}; {text}; projection {part['projection_dim']}"
 
 
-def print_report(report: dict, markdown: bool) -> None:
-    m, code = report["machine"], report.get("vlmlab_code", {})
-    lines = [
-        f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"transformers {m['transformers']}",
-        f"vlmlab code: {code.get('src')}"
-        + (f" (commit {code['commit']}" if code.get("commit") else "")
-        + (", with uncommitted changes in src/" if code.get("uncommitted_changes_in_src") else "")
-        + (")" if code.get("commit") else ""),
-    ]
+def report_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, headers, rows) of each part that ran."""
     tables = []
     if "encode" in report["parts"]:
         p = report["parts"]["encode"]
@@ -401,12 +405,106 @@ def print_report(report: dict, markdown: bool) -> None:
                  f"(CLIPNet + ContrastiveLoss('infonce') vs CLIPModel(return_loss=True), AdamW; "
                  f"{describe(p['config'])}; {p['params'] / 1e6:.1f}M parameters)")
         tables.append((title, TRAIN_HEADERS, [train_cells(r) for r in p["rows"]]))
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# driver pieces shared with vlm.py
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_run_args(ap: argparse.ArgumentParser, argv: list[str] | None, workers: dict, parts: tuple[str, ...],
+                   repeats_default: str) -> argparse.Namespace | None:
+    """Add the options on parts, implementations, dtypes, repeats, quick mode, machine quietness, the code
+    under test and the output, and parse (args.parts, args.dtypes: what to run); in a worker process
+    (--_worker), run its measurement and return None."""
+    ap.add_argument("--only", choices=parts, help=f"run only one part ({' or '.join(parts)})")
+    ap.add_argument("--impl", choices=[*IMPLS, "both"], default="both")
+    ap.add_argument("--dtype", choices=[*DTYPES, "all"], default="all",
+                    help="train: bfloat16 means float32 weights under bfloat16 autocast")
+    ap.add_argument("--repeats", type=int,
+                    help=f"timed calls per configuration, median reported (default: {repeats_default})")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny models, few calls, no waiting for a quiet machine: checks that the script works")
+    ap.add_argument("--busy-threshold", type=float, default=0.25, help="cores (default 0.25)")
+    ap.add_argument("--wait-quiet", type=float, metavar="S",
+                    help="before each measurement, wait up to S seconds for other processes to use less than "
+                    "--busy-threshold cores (0: don't wait; default 60, --quick: 0)")
+    ap.add_argument("--busy-retries", type=int,
+                    help="measure a configuration again (keeping the quietest) when other processes used more "
+                    "than --busy-threshold cores during its timed calls (default 2, --quick: 0)")
+    ap.add_argument("--vlmlab-src", metavar="DIR",
+                    help="benchmark the vlmlab package in DIR (e.g. a `git archive` export of another commit's "
+                    "src/) instead of the installed one")
+    ap.add_argument("--markdown", action="store_true", help="print markdown tables instead of rich ones")
+    ap.add_argument("--json", metavar="OUT", help="write all results (every timed call) to this JSON file")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._worker:
+        worker_main(args._worker, workers)
+        return None
+    if args.repeats is not None and args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    args.vlmlab_src = os.path.abspath(args.vlmlab_src) if args.vlmlab_src else None
+    args.dtypes = DTYPES if args.dtype == "all" else (args.dtype,)
+    args.parts = (args.only,) if args.only else parts
+    return args
+
+
+def measure(spec: dict, rate: str, args: argparse.Namespace, run) -> dict:
+    """`run(spec)` (a configuration's worker) after waiting for a quiet machine, and again while other
+    processes used more than --busy-threshold cores during its timed calls; the quietest attempt."""
+    wait = args.wait_quiet if args.wait_quiet is not None else 0 if args.quick else 60
+    retries = args.busy_retries if args.busy_retries is not None else 0 if args.quick else 2
+    attempts: list[dict] = []
+    while len(attempts) <= retries and (not attempts or attempts[-1]["others_cores"] > args.busy_threshold):
+        if attempts:
+            print("  machine busy, measuring again", file=sys.stderr)
+        if wait > 0 and (busy := wait_for_quiet(args.busy_threshold, wait)) >= args.busy_threshold:
+            print(f"  (still {busy:.2f} cores busy after waiting {wait:.0f} s)", file=sys.stderr)
+        print(f"{spec['worker']:6s} {spec['impl']:12s} {spec['dtype']:8s} batch {spec['batch']} ...",
+              end=" ", file=sys.stderr, flush=True)
+        r = run(spec)
+        print(f"{r[rate]:.3f} {rate.replace('_per_s', '/s')} (load {r['load_s']:.1f}s, peak RSS "
+              f"{r['peak_rss_mib']:.0f} MiB, others used {r['others_cores']:.2f} cores)", file=sys.stderr)
+        attempts.append(r)
+    best = min(attempts, key=lambda a: a["others_cores"])
+    return {**best, "part": spec["worker"], "impl": spec["impl"], "dtype": spec["dtype"], "batch": spec["batch"],
+            "attempts": len(attempts)}
+
+
+def new_report(script: str, argv: list[str] | None, args: argparse.Namespace, parts: dict, results: list) -> dict:
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "vlmlab_code": vlmlab_provenance(args.vlmlab_src),
+        "quick": args.quick,
+        "busy_threshold": args.busy_threshold,
+        "parts": parts,
+        "results": results,
+    }
+
+
+def print_tables(report: dict, tables: list[tuple[str, list[str], list[list[str]]]], markdown: bool) -> None:
+    """The machine and code, each (title, headers, rows) table, and warnings (busy machine, --quick)."""
+    m, code = report["machine"], report.get("vlmlab_code", {})
+    lines = [
+        f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"transformers {m['transformers']}",
+        f"vlmlab code: {code.get('src')}"
+        + (f" (commit {code['commit']}" if code.get("commit") else "")
+        + (", with uncommitted changes in src/" if code.get("uncommitted_changes_in_src") else "")
+        + (")" if code.get("commit") else ""),
+    ]
     busy = [r for r in report["results"] if r["others_cores"] > report["busy_threshold"]]
     footer = []
     if busy:
         footer.append("WARNING: other processes used CPU during "
                       + ", ".join(f"{r['part']}/{r['impl']}/{r['dtype']}/b{r['batch']}" for r in busy)
                       + " (see others_cores in --json); re-run those on a quiet machine")
+    if report["quick"]:
+        footer.append("--quick: tiny models, the numbers mean nothing")
     if markdown:
         print("\n".join(lines) + "\n")
         for title, headers, rows in tables:
@@ -419,7 +517,7 @@ def print_report(report: dict, markdown: bool) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        print_report(report, markdown=True)
+        print_tables(report, tables, markdown=True)
         return
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print("\n".join(lines))
@@ -434,72 +532,31 @@ def print_report(report: dict, markdown: bool) -> None:
         console.print(line)
 
 
+def finish(report: dict, tables: list, args: argparse.Namespace, started: float, json_parts: dict) -> None:
+    """Print the tables and the run time; write --json, with `json_parts` as its "parts"."""
+    print_tables(report, tables, args.markdown)
+    report["wall_s"] = time.perf_counter() - started
+    print(f"\nfull run took {report['wall_s']:.0f} s", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**report, "parts": json_parts}, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=PARTS, help="run only the encode or only the train part")
-    ap.add_argument("--impl", choices=[*IMPLS, "both"], default="both")
-    ap.add_argument("--dtype", choices=[*DTYPES, "all"], default="all",
-                    help="train: bfloat16 means float32 weights under bfloat16 autocast")
     ap.add_argument("--batch", type=int, nargs="+", help="encode batch sizes (default 1 32; --quick: 1 4)")
-    ap.add_argument("--repeats", type=int,
-                    help="timed calls per configuration, median reported (default: encode 5, train 10; --quick 3)")
-    ap.add_argument("--quick", action="store_true", help="tiny models and few repeats: checks that the script works")
-    ap.add_argument("--busy-threshold", type=float, default=0.25, help="cores (default 0.25)")
-    ap.add_argument("--wait-quiet", type=float, default=60, metavar="S",
-                    help="before each measurement, wait up to S seconds for other processes to use less than "
-                    "--busy-threshold cores (0: don't wait)")
-    ap.add_argument("--busy-retries", type=int, default=2,
-                    help="measure a configuration again (keeping the quietest) when other processes used more "
-                    "than --busy-threshold cores during its timed calls")
-    ap.add_argument("--vlmlab-src", metavar="DIR",
-                    help="benchmark the vlmlab package in DIR (e.g. a `git archive` export of another commit's "
-                    "src/) instead of the installed one")
-    ap.add_argument("--markdown", action="store_true", help="print markdown tables instead of rich ones")
-    ap.add_argument("--json", metavar="OUT", help="write all results (every timed call) to this JSON file")
-    ap.add_argument("--_worker", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args._worker:
-        worker_main(args._worker, WORKERS)
+    args = parse_run_args(ap, argv, WORKERS, PARTS, "encode 5, train 10; --quick 3")
+    if args is None:
         return
-    if args.repeats is not None and args.repeats < 1:
-        ap.error("--repeats must be at least 1")
 
     started = time.perf_counter()
     sizes = SIZES["quick" if args.quick else "full"]
-    parts = (args.only,) if args.only else PARTS
     impls = IMPLS if args.impl == "both" else (args.impl,)
-    dtypes = DTYPES if args.dtype == "all" else (args.dtype,)
-    vlmlab_src = os.path.abspath(args.vlmlab_src) if args.vlmlab_src else None
-
-    def settle() -> None:
-        if args.wait_quiet > 0:
-            busy = wait_for_quiet(args.busy_threshold, args.wait_quiet)
-            if busy >= args.busy_threshold:
-                print(f"  (still {busy:.2f} cores busy after waiting {args.wait_quiet:.0f} s)", file=sys.stderr)
-
-    def measure(spec: dict, rate: str) -> dict:
-        best = None
-        for attempt in range(1 + args.busy_retries):
-            settle()
-            print(f"{spec['worker']:6s} {spec['impl']:12s} {spec['dtype']:8s} batch {spec['batch']} ...",
-                  end=" ", file=sys.stderr, flush=True)
-            r = run_worker(spec)
-            print(f"{r[rate]:.3f} {rate.replace('_per_s', '/s')} (load {r['load_s']:.1f}s, peak RSS "
-                  f"{r['peak_rss_mib']:.0f} MiB, others used {r['others_cores']:.2f} cores)", file=sys.stderr)
-            if best is None or r["others_cores"] < best["others_cores"]:
-                best = r
-            if r["others_cores"] <= args.busy_threshold:
-                break
-            if attempt < args.busy_retries:
-                print("  machine busy, measuring again", file=sys.stderr)
-        best.update(part=spec["worker"], impl=spec["impl"], dtype=spec["dtype"], batch=spec["batch"],
-                    attempts=attempt + 1)
-        return best
 
     results: list[dict] = []
     report_parts: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="vlmlab-bench-vision-") as tmp:
-        for part in parts:
+        for part in args.parts:
             cfg = sizes[part]
             folder = str(Path(tmp) / part)
             hf_cfg = hf_clip_config(cfg)
@@ -507,15 +564,15 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr)
             ckpt = run_worker({"worker": "checkpoint", "config": hf_cfg, "dir": folder})
             repeats = args.repeats or sizes["repeats"][part]
-            common = {"checkpoint": folder, "repeats": repeats, "warmup": cfg["warmup"], "vlmlab_src": vlmlab_src}
+            common = {"checkpoint": folder, "repeats": repeats, "warmup": cfg["warmup"], "vlmlab_src": args.vlmlab_src}
             if part == "encode":
                 batches = args.batch or cfg["batches"]
-                for dtype in dtypes:
+                for dtype in args.dtypes:
                     for batch in batches:
                         for impl in impls:  # back to back, so they see similar machine load
                             spec = {"worker": "encode", "impl": impl, "dtype": dtype, "batch": batch,
                                     "image_size": cfg["vision_config"]["image_size"], **common}
-                            results.append(measure(spec, "images_per_s"))
+                            results.append(measure(spec, "images_per_s", args, run_worker))
                 rows = pair_rows(results, "encode", "images_per_s")
                 for row in rows:
                     vl, hf = row["vlmlab"], row["transformers"]
@@ -526,11 +583,11 @@ def main(argv: list[str] | None = None) -> None:
                               f"{row['max_abs_diff']:.3e} (outputs up to {row['max_abs_output']:.3f})", file=sys.stderr)
             else:
                 batches = [cfg["batch"]]
-                for dtype in dtypes:
+                for dtype in args.dtypes:
                     for impl in impls:
                         spec = {"worker": "train", "impl": impl, "dtype": dtype, "batch": cfg["batch"],
                                 "config": hf_cfg, **common}
-                        results.append(measure(spec, "steps_per_s"))
+                        results.append(measure(spec, "steps_per_s", args, run_worker))
                 rows = pair_rows(results, "train", "steps_per_s")
                 for row in rows:
                     vl, hf = row["vlmlab"], row["transformers"]
@@ -551,25 +608,11 @@ def main(argv: list[str] | None = None) -> None:
 
     for r in results:
         r.pop("output", None)  # compared above; too large for the report
-    report = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "python benchmarks/vision.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine_info(),
-        "vlmlab_code": vlmlab_provenance(args.vlmlab_src),
-        "quick": args.quick,
-        "busy_threshold": args.busy_threshold,
-        "parts": report_parts,
-        "results": results,
-    }
-    print_report(report, args.markdown)
-    report["wall_s"] = time.perf_counter() - started
-    print(f"\nfull run took {report['wall_s']:.0f} s", file=sys.stderr)
-    if args.json:  # rows without their copies of the per-implementation results (those are in "results")
-        parts_json = {name: {**p, "rows": [{k: v for k, v in row.items() if k not in IMPLS} for row in p["rows"]]}
-                      for name, p in report_parts.items()}
-        Path(args.json).write_text(json.dumps({**report, "parts": parts_json}, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-
+    report = new_report("vision.py", argv, args, report_parts, results)
+    # rows without their copies of the per-implementation results (those are in "results")
+    parts_json = {name: {**p, "rows": [{k: v for k, v in row.items() if k not in IMPLS} for row in p["rows"]]}
+                  for name, p in report_parts.items()}
+    finish(report, report_tables(report), args, started, parts_json)
 
 if __name__ == "__main__":
     main()
