@@ -18,7 +18,7 @@ from vlmlab.infer.lm import LanguageModel
 from vlmlab.nn.quant import int4_kernel_available
 from vlmlab.infer.dual import DualEncoder, TextInputs
 from vlmlab.infer.vlm import VisionLanguageModel
-from vlmlab.models import clip, lit, llava, siglip
+from vlmlab.models import clip, idefics3, lit, llava, siglip
 from vlmlab.text import llama
 from vlmlab.text.tokenizer import Tokenizer
 from vlmlab.vision.preprocess import ImageProcessor
@@ -67,9 +67,11 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> LanguageModel:
         return _load_dual(folder, config, dual, dtype)
     if any(a in llava.HF_ARCHITECTURES for a in archs):
         return _load_llava(folder, config, dtype)
+    if any(a in idefics3.HF_ARCHITECTURES for a in archs):
+        return _load_idefics3(folder, config, dtype)
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if family is None:
-        supported = sorted({*ARCHITECTURES, *DUAL_ARCHITECTURES, *llava.HF_ARCHITECTURES})
+        supported = sorted({*ARCHITECTURES, *DUAL_ARCHITECTURES, *llava.HF_ARCHITECTURES, *idefics3.HF_ARCHITECTURES})
         raise UnknownArchitectureError(
             f"{folder / 'config.json'}: architecture {', '.join(archs) or '(none given)'} is not supported "
             f"(supported: {', '.join(supported)})"
@@ -126,6 +128,22 @@ def _load_llava(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguag
 
         load_adapter(net, folder / "adapter", key_map=llava.PEFT_KEY_MAP, merge=True)
     return VisionLanguageModel(net.to(dtype), lm.tokenizer, processor, name=folder.name)
+
+
+def _load_idefics3(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguageModel:
+    """An Idefics3 / SmolVLM folder: network, tokenizer (whose "<image>" must be the config's
+    image_token_id), tiling image processor."""
+    cfg = _parse_config(folder, config, idefics3.Idefics3Config)
+    tensors, origin = read_safetensors(folder)
+    net = idefics3.Idefics3Net(cfg)
+    net.load_hf_tensors(tensors, origin, dtype)
+    tokenizer = Tokenizer.from_folder(folder)
+    if (token_id := tokenizer.token_to_id(idefics3.IMAGE_TOKEN)) != cfg.image_token_id:
+        found = "missing" if token_id is None else f"token {token_id}"
+        raise ConfigError(f"{folder}: the tokenizer's {idefics3.IMAGE_TOKEN} is {found}, but config.json's "
+                          f"image_token_id is {cfg.image_token_id}")
+    processor = idefics3.Idefics3Processor.from_folder(folder, cfg)
+    return VisionLanguageModel(net, tokenizer, processor, name=folder.name)
 
 
 PARTS_FIELD = "vlmlab_language_model"  # config.json of a parts folder: where its language model comes from

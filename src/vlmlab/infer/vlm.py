@@ -3,8 +3,10 @@ about images (`ask`), chats, and, without images, generates text like any `Langu
 
 Messages carry images as "<image>" markers in their text (the LLaVA convention; `ask` puts one
 per image before the question when the prompt has none). The chat template renders the
-conversation; each marker then becomes `image_token_id` repeated once per image feature, and the
-images' features replace those placeholders in the first forward pass.
+conversation; each marker then becomes the image's token ids (`image_inputs`): LLaVA's
+`image_token_id` repeated once per image feature, or what the family's processor writes (an
+Idefics3 image: its tiles' tags and placeholders). The images' features replace the placeholders
+in the first forward pass.
 """
 
 from __future__ import annotations
@@ -24,25 +26,31 @@ from vlmlab.vision.preprocess import ImageProcessor, load_image
 IMAGE_MARKER = "<image>"
 
 
-def expand_images(tokenizer, text: str, n_images: int, per_image: int, image_token_id: int) -> list[int]:
-    """Token ids of rendered prompt text, each "<image>" marker -> `per_image` placeholders."""
+def splice_images(tokenizer, text: str, image_ids: list[list[int]]) -> list[int]:
+    """Token ids of rendered prompt text, the i-th "<image>" marker replaced by `image_ids[i]`."""
     parts = text.split(IMAGE_MARKER)
-    if len(parts) - 1 != n_images:
-        raise InputError(f"the prompt has {len(parts) - 1} {IMAGE_MARKER} marker(s) but {n_images} image(s) "
+    if len(parts) - 1 != len(image_ids):
+        raise InputError(f"the prompt has {len(parts) - 1} {IMAGE_MARKER} marker(s) but {len(image_ids)} image(s) "
                          "were given")
     ids: list[int] = []
     for i, part in enumerate(parts):
         if part:
             ids += tokenizer.encode(part, add_special_tokens=False)
-        if i < n_images:
-            ids += [image_token_id] * per_image
+        if i < len(image_ids):
+            ids += image_ids[i]
     return ids
+
+
+def expand_images(tokenizer, text: str, n_images: int, per_image: int, image_token_id: int) -> list[int]:
+    """Token ids of rendered prompt text, each "<image>" marker -> `per_image` placeholders."""
+    return splice_images(tokenizer, text, [[image_token_id] * per_image] * n_images)
 
 
 class VisionLanguageModel(LanguageModel):
     kind = "vision-language-model"
 
-    def __init__(self, net: torch.nn.Module, tokenizer, processor: ImageProcessor, name: str = "model"):
+    def __init__(self, net: torch.nn.Module, tokenizer, processor: ImageProcessor | Any, name: str = "model"):
+        """`processor`: an `ImageProcessor`, or a family's own with `prompt_images` (see `image_inputs`)."""
         super().__init__(net, tokenizer, name=name)
         self.processor = processor
 
@@ -56,11 +64,22 @@ class VisionLanguageModel(LanguageModel):
         keep_first = self.net.cfg.vision_feature_select_strategy == "full"
         return grid + int(vision.class_token and keep_first)
 
+    def image_inputs(self, images: list) -> tuple[torch.Tensor, list[list[int]]]:
+        """Pixel values of `images` and, per image, the token ids its "<image>" marker becomes.
+        A processor with its own prompt layout decides both (`processor.prompt_images(images,
+        tokenizer)`: Idefics3's tiles); otherwise (LLaVA) each image is one `image_token_id`
+        per image feature."""
+        prompt_images = getattr(self.processor, "prompt_images", None)
+        if prompt_images is not None:
+            pixels, image_ids = prompt_images(images, self.tokenizer)
+            return pixels.to(self.dtype), image_ids
+        pixels = self.processor(images).to(self.dtype)
+        return pixels, [[self.image_token_id] * self.features_per_image(pixels)] * len(images)
+
     def _prepare(self, prompts: list, *, system, chat, images=None) -> tuple[list[list[int]], dict]:
         images = images or [[] for _ in prompts]
         flat = [im for row in images for im in row]
-        pixels = self.processor(flat).to(self.dtype) if flat else None
-        per_image = self.features_per_image(pixels) if pixels is not None else 0
+        pixels, image_ids = self.image_inputs(flat) if flat else (None, [])
         ids = []
         for prompt, row in zip(prompts, images):
             if not chat:
@@ -70,7 +89,8 @@ class VisionLanguageModel(LanguageModel):
                 if system is not None:
                     messages = [{"role": "system", "content": system}, *messages]
                 text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            ids.append(expand_images(self.tokenizer, text, len(row), per_image, self.image_token_id))
+            ids.append(splice_images(self.tokenizer, text, image_ids[:len(row)]))
+            image_ids = image_ids[len(row):]
         return ids, ({"pixel_values": pixels} if pixels is not None else {})
 
     def ask(self, prompt: str | list[dict], images: Any = (), *, system: str | None = None,

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
 from vlmlab.connectors.projector import Projector
-from vlmlab.errors import ConfigError, InputError
+from vlmlab.errors import ConfigError
+from vlmlab.fusion.placeholders import PlaceholderVLM
 from vlmlab.models import clip, siglip
 from vlmlab.text.llama import LlamaConfig, LlamaForCausalLM
 from vlmlab.vision.vit import ViTConfig, VisionTransformer
@@ -107,7 +107,9 @@ class LlavaConfig:
         }
 
 
-class LlavaNet(nn.Module):
+class LlavaNet(PlaceholderVLM):
+    """Vision tower, projector, decoder; prompts, generation and the count check: `PlaceholderVLM`."""
+
     def __init__(self, cfg: LlavaConfig, language_model: LlamaForCausalLM | None = None):
         """`language_model`: an existing decoder to use (assembling a model from parts)."""
         super().__init__()
@@ -116,21 +118,6 @@ class LlavaNet(nn.Module):
         width = cfg.vision.hidden_size * len(cfg.feature_layers)
         self.multi_modal_projector = Projector(cfg.projector, width, cfg.text.hidden_size, cfg.projector_bias)
         self.language_model = language_model if language_model is not None else LlamaForCausalLM(cfg.text)
-
-    # What generation asks of a decoder (the language model's).
-    @property
-    def text_cfg(self) -> LlamaConfig:
-        return self.cfg.text
-
-    @property
-    def context_length(self) -> int:
-        return self.language_model.context_length
-
-    def new_cache(self, capacity: int, dtype: torch.dtype | None = None):
-        return self.language_model.new_cache(capacity, dtype)
-
-    def tie_weights(self) -> None:
-        self.language_model.tie_weights()
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, features per image, LM width): the selected layers' tokens, projected."""
@@ -142,33 +129,6 @@ class LlavaNet(nn.Module):
         if self.cfg.vision_feature_select_strategy == "default":
             picked = [h[:, 1:] for h in picked]
         return self.multi_modal_projector(torch.cat(picked, dim=-1))
-
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Prompt embeddings with the image features written over the placeholder tokens."""
-        embeds = self.language_model.model.embed_tokens(input_ids)
-        placeholders = input_ids == self.cfg.image_token_id
-        n_slots = int(placeholders.sum())
-        if pixel_values is None:
-            if n_slots:
-                raise InputError(f"the prompt has {n_slots} image placeholder tokens but no image was given")
-            return embeds
-        feats = self.image_features(pixel_values)
-        if n_slots != feats.shape[0] * feats.shape[1]:
-            raise InputError(
-                f"image features and image placeholders disagree: {feats.shape[0]} image(s) give "
-                f"{feats.shape[0] * feats.shape[1]} features ({feats.shape[1]} each) but the prompt has {n_slots} "
-                f"placeholder tokens (id {self.cfg.image_token_id})"
-            )
-        return embeds.masked_scatter(placeholders[..., None], feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
-
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache=None, logits_to_keep: int = 0, logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, seq, vocab), or as `LlamaForCausalLM.forward` selects them. With a
-        cache, later steps pass only new ids and no pixels."""
-        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                                   position_ids=position_ids, cache=cache, logits_to_keep=logits_to_keep,
-                                   logits_at=logits_at)
 
     # ---- checkpoints ----
 

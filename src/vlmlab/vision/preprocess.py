@@ -209,6 +209,23 @@ def _flag(value: Any, where: str) -> bool:
     return value
 
 
+def _check_pixel_fields(processor: Any) -> None:
+    """Validate and normalise the `resample`, `rescale_factor`, `image_mean` and `image_std`
+    fields every processor here has."""
+    if isinstance(processor.resample, bool) or processor.resample not in RESAMPLE_NAMES:
+        raise ConfigError(
+            f"field 'resample' must be a PIL filter number {sorted(RESAMPLE_NAMES)} "
+            f"({', '.join(f'{k}={v}' for k, v in RESAMPLE_NAMES.items())}), got {processor.resample!r}"
+        )
+    processor.resample = int(processor.resample)
+    r = processor.rescale_factor
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+        raise ConfigError(f"field 'rescale_factor' must be a positive number, got {r!r}")
+    processor.rescale_factor = float(r)
+    processor.image_mean = _triple(processor.image_mean, "field 'image_mean'", positive=False)
+    processor.image_std = _triple(processor.image_std, "field 'image_std'", positive=True)
+
+
 @dataclass
 class ImageProcessor:
     """Preprocessing of one CLIP- or SigLIP-style checkpoint, as data; call it on images.
@@ -236,20 +253,9 @@ class ImageProcessor:
             raise ConfigError(f"image processor family must be one of {sorted(HF_TYPE_OF)}, got {self.family!r}")
         self.size = _size_dict(self.size, "size", int_means="shortest_edge")
         self.crop_size = _size_dict(self.crop_size, "crop_size", int_means="square")
-        if isinstance(self.resample, bool) or self.resample not in RESAMPLE_NAMES:
-            raise ConfigError(
-                f"field 'resample' must be a PIL filter number {sorted(RESAMPLE_NAMES)} "
-                f"({', '.join(f'{k}={v}' for k, v in RESAMPLE_NAMES.items())}), got {self.resample!r}"
-            )
-        self.resample = int(self.resample)
         for name in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"):
             _flag(getattr(self, name), f"field '{name}'")
-        r = self.rescale_factor
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-            raise ConfigError(f"field 'rescale_factor' must be a positive number, got {r!r}")
-        self.rescale_factor = float(r)
-        self.image_mean = _triple(self.image_mean, "field 'image_mean'", positive=False)
-        self.image_std = _triple(self.image_std, "field 'image_std'", positive=True)
+        _check_pixel_fields(self)
 
     # -- named presets ------------------------------------------------------------------------
 
@@ -379,39 +385,53 @@ class ImageProcessor:
         Paths, bytes and files go through `load_image` (EXIF-rotated, like a path handed to the
         transformers processor); PIL images are used as given (no EXIF rotation, like transformers).
         """
-        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or hasattr(images, "read"):
-            images = [images]
-        try:
-            items = list(images)
-        except TypeError:
-            raise InputError(f"expected an image or a list of images, got {type(images).__name__}") from None
-        if not items:
-            raise InputError("no images given")
-        arrays = []
-        for item in items:
-            if isinstance(item, Image.Image):
-                with decoding_errors("image", max_pixels):  # a lazily opened PIL image decodes here
-                    item.load()
-            else:
-                item = load_image(item, max_pixels=max_pixels, max_bytes=max_bytes)
-            arrays.append(self.pixels(item))
+        arrays = [self.pixels(image) for image in open_images(images, max_pixels=max_pixels, max_bytes=max_bytes)]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             raise InputError(
                 f"images come out in different sizes {sorted(s[:2] for s in shapes)}; batching needs "
                 "do_center_crop or a fixed size {'height', 'width'}"
             )
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        # transformers rescales in float64 and casts to float32, then normalises in float32.
-        x = batch.to(torch.float64)
-        if self.do_rescale:
-            x = x * self.rescale_factor
-        x = x.to(torch.float32)
-        if self.do_normalize:
-            mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-            std = torch.tensor(self.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-            x = (x - mean) / std
-        return x.contiguous()
+        return to_pixel_values(arrays, self)
+
+
+def open_images(images: ImageSource | Iterable[ImageSource], *, max_pixels: int = MAX_PIXELS,
+                max_bytes: int = MAX_BYTES) -> list[Image.Image]:
+    """One image or a list (paths, bytes, files, PIL images) as a non-empty list of decoded PIL
+    images: paths, bytes and files through `load_image` (EXIF-rotated), PIL images as given."""
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or hasattr(images, "read"):
+        images = [images]
+    try:
+        items = list(images)
+    except TypeError:
+        raise InputError(f"expected an image or a list of images, got {type(images).__name__}") from None
+    if not items:
+        raise InputError("no images given")
+    out = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            with decoding_errors("image", max_pixels):  # a lazily opened PIL image decodes here
+                item.load()
+        else:
+            item = load_image(item, max_pixels=max_pixels, max_bytes=max_bytes)
+        out.append(item)
+    return out
+
+
+def to_pixel_values(arrays: list[np.ndarray], processor: Any) -> torch.Tensor:
+    """Equal-sized uint8 (H, W, 3) arrays -> (N, 3, H, W) float32, rescaled and normalised as
+    `processor`'s do_rescale / rescale_factor / do_normalize / image_mean / image_std say."""
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    # transformers rescales in float64 and casts to float32, then normalises in float32.
+    x = batch.to(torch.float64)
+    if processor.do_rescale:
+        x = x * processor.rescale_factor
+    x = x.to(torch.float32)
+    if processor.do_normalize:
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x.contiguous()
 
 
 def center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:

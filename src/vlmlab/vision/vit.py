@@ -3,7 +3,9 @@
 An image is cut into patch x patch squares, each linearly embedded (a strided convolution);
 CLIP prepends a learned [class] token; learned position embeddings are added (bicubically
 interpolated when the patch grid differs from the one trained, including non-square grids);
-a pre-LN transformer encoder mixes the tokens. Pooling: CLIP takes the [class] token through
+a pre-LN transformer encoder mixes the tokens. Idefics2/3 (NaViT's "Patch n' Pack") instead give
+each patch the trained position its fractional coordinate falls in (`position_buckets`), for any
+grid size, exactly as transformers computes it. Pooling: CLIP takes the [class] token through
 `post_layernorm`; SigLIP normalises every token and pools with a multi-head attention probe
 (`AttentionPoolingHead`, "MAP"). VLMs read the hidden states of any layer instead (LLaVA: the
 penultimate layer's patch tokens), and can stop the encoder early to save the remaining layers.
@@ -46,6 +48,7 @@ class ViTConfig:
     pre_norm: bool = True  # CLIP's `pre_layrnorm` after the embeddings
     patch_bias: bool = False  # SigLIP's patch embedding has a bias
     pooling: str = "cls"  # "cls" (CLIP), "map" (SigLIP attention probe), "mean" (of the patch tokens), "none"
+    position_buckets: bool = False  # Idefics3: positions by fractional-coordinate buckets, not interpolation
 
     HF_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
                  "image_size", "patch_size", "hidden_act", "layer_norm_eps")
@@ -62,6 +65,8 @@ class ViTConfig:
             raise ConfigError(f"vision pooling {self.pooling!r}: expected 'cls', 'map', 'mean' or 'none'")
         if self.pooling == "cls" and not self.class_token:
             raise ConfigError("vision pooling 'cls' needs class_token=True")
+        if self.position_buckets and self.class_token:
+            raise ConfigError("vision position_buckets needs class_token=False")
 
     @property
     def grid(self) -> int:
@@ -97,9 +102,13 @@ class PatchEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.grid**2 + int(cfg.class_token), cfg.hidden_size)
 
     def positions(self, rows: int, cols: int) -> torch.Tensor:
-        """Position embeddings for a rows x cols patch grid: the trained ones, or bicubically resized."""
+        """Position embeddings for a rows x cols patch grid: the trained ones, bicubically resized
+        when the grid differs, or (`position_buckets`) picked by fractional coordinate."""
         table = self.position_embedding.weight
         g = self.cfg.grid
+        if self.cfg.position_buckets:
+            ids = position_buckets(rows, g, table.device)[:, None] * g + position_buckets(cols, g, table.device)
+            return table[ids.flatten()]
         if (rows, cols) == (g, g):
             return table
         cls_pos, patch_pos = (table[:1], table[1:]) if self.cfg.class_token else (table[:0], table)
@@ -120,6 +129,16 @@ class PatchEmbeddings(nn.Module):
         if self.cfg.class_token:
             x = torch.cat([self.class_embedding.expand(b, 1, -1), x], dim=1)
         return x + self.positions(h // p, w // p)
+
+
+def position_buckets(n: int, grid: int, device: torch.device | None = None) -> torch.Tensor:
+    """Which of `grid` trained position rows (or columns) each of `n` patch rows takes, as
+    Idefics2/3 compute it: the patch's fractional coordinate i/n, bucketed at the boundaries
+    k/grid, in float32. The rounding is transformers' too: at some grids (19, 25, ...) even n == grid
+    repeats a neighbour's id instead of giving 0..grid-1, and trained weights expect that."""
+    boundaries = torch.arange(1 / grid, 1.0, 1 / grid, device=device)
+    coords = torch.arange(n, dtype=torch.float32, device=device) * (1.0 / torch.tensor(n, device=device))
+    return torch.bucketize(coords.clamp(max=1.0 - 1e-6), boundaries, right=True)
 
 
 class AttentionPoolingHead(nn.Module):

@@ -1,0 +1,1 @@
+"""Fusion: how image features enter the language model (placeholder tokens, cross-attention, ...)."""
