@@ -108,6 +108,31 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from vlmlab.infer.explain import explain_to_file
+
+    explanation = explain_to_file(_vlm(args), args.question, args.image, args.out, **_generation_options(args))
+    _print_answer(explanation.result, args.json)
+    print(f"attention map written to {args.out}", file=sys.stderr)
+    return 0
+
+
+DEMO_TASKS = ("count", "color", "shape", "spatial", "ocr_word", "ground", "point", "caption_short")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """One test-split scene per task, asked and drawn (true locations green, answers red)."""
+    from vlmlab.eval.harness import evaluate, example_grid
+
+    report = evaluate(_vlm(args), split="test", n=1, tasks=list(DEMO_TASKS), max_new_tokens=args.max_new_tokens)
+    for p in report.predictions:
+        question = p.sample.turns[p.turn - 1].text.replace("<image>", "").strip()
+        print(f"[{p.answer.task}] Q: {question}\n  A: {p.text}")
+    example_grid(report.predictions, len(DEMO_TASKS)).save(args.out)
+    print(f"demo written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def _train_recipe(args: argparse.Namespace) -> int:
     from vlmlab.train.vlm import train_recipe
 
@@ -380,6 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system message")
     vlm_options(chat)
     chat.set_defaults(func=_chat)
+
+    exp = sub.add_parser("explain", help="where the model looked: the answer's attention over the image, as a PNG")
+    exp.add_argument("question")
+    exp.add_argument("--image", required=True, help="image file")
+    exp.add_argument("--out", default="explain.png", help="output PNG (default: %(default)s)")
+    vlm_options(exp)
+    exp.set_defaults(func=_explain)
+
+    demo = sub.add_parser("demo", help="ask the model about a few generated scenes; draw answers, boxes and points")
+    demo.add_argument("--out", default="demo.png", help="output PNG (default: %(default)s)")
+    vlm_options(demo)
+    demo.set_defaults(func=_demo)
 
     tr = sub.add_parser("train", help="train a model: `train --recipe NAME|FILE --out DIR` or `train clip ...`")
     tr.add_argument("--recipe", default=None, help="a VLM training recipe: built-in name (tiny-scenes, ...) or .toml file")

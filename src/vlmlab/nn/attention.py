@@ -7,6 +7,9 @@ float mask is added to the scores. Shapes broadcast to (batch, heads, q_len, kv_
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,6 +125,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(kv_dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=o_bias)
+        self.recorded: list[torch.Tensor] | None = None  # `record_attention` collects probabilities here
 
     def forward(
         self,
@@ -145,6 +149,8 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, k, *rope)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
+        if self.recorded is not None:
+            self.recorded.append(attention_probs(q.to(k.dtype), k, mask, is_causal and mask is None, self.scale))
         out = F.scaled_dot_product_attention(
             q.to(k.dtype),
             k,
@@ -155,3 +161,32 @@ class Attention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, -1))
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                    scale: float) -> torch.Tensor:
+    """The attention probabilities SDPA computes internally: (batch, heads, queries, keys), float32."""
+    if k.shape[1] != q.shape[1]:  # grouped-query heads share keys
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        t, s = scores.shape[-2:]
+        scores = scores.masked_fill(~torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return scores.softmax(-1)
+
+
+@contextmanager
+def record_attention(modules: Iterable[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
+    """Collect the attention probabilities of the `Attention` layers among `modules` while the
+    block runs: yields one list per layer (in order), each filled with one (batch, heads,
+    queries, keys) tensor per forward call. For inspection (`vlmlab explain`), not for speed."""
+    layers = [m for m in modules if isinstance(m, Attention)]
+    for layer in layers:
+        layer.recorded = []
+    try:
+        yield [layer.recorded for layer in layers]
+    finally:
+        for layer in layers:
+            layer.recorded = None

@@ -96,7 +96,10 @@ DataFn = Callable[[int, int, int, int, int], Any]  # (step, micro, rank, world, 
 
 class Trainer:
     def __init__(self, model: nn.Module, step_fn: StepFn, data: DataFn, cfg: TrainConfig, out: str | Path, *,
-                 after_step: Callable[[nn.Module], None] | None = None, samples_per_batch: str = "samples"):
+                 after_step: Callable[[nn.Module], None] | None = None, samples_per_batch: str = "samples",
+                 find_unused_parameters: bool = False):
+        """find_unused_parameters: some trainable parameters get no gradient in a step (a vision
+        tower's pooling head under a VLM that reads hidden states); DDP must not wait for them."""
         self.model, self.step_fn, self.data, self.cfg = model, step_fn, data, cfg
         self.out = Path(out)
         self.after_step = after_step
@@ -124,7 +127,7 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(model)
+            self.ddp = DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
 
     def _trainable(self) -> dict[str, tuple[nn.Parameter, float]]:
         """name -> (parameter, peak lr); the longest matching prefix in param_groups wins."""
@@ -227,16 +230,17 @@ class Trainer:
         lr = self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            batch = self.data(self.step, micro, self.rank, self.world, self.micro_batch)
+        batches = [self.data(self.step, micro, self.rank, self.world, self.micro_batch) for micro in range(cfg.grad_accum)]
+        scales = self._loss_scales(batches)
+        for micro, batch in enumerate(batches):
             sync = micro == cfg.grad_accum - 1 or self.ddp is None
             ctx = model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast("cuda" if next(self.model.parameters()).is_cuda else "cpu",
                                     dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                     loss, metrics = self.step_fn(model, batch)
-                (loss / cfg.grad_accum).backward()
-            totals["loss"] = totals.get("loss", 0.0) + loss.item() / cfg.grad_accum
+                (loss * scales[micro] / cfg.grad_accum).backward()
+            totals["loss"] = totals.get("loss", 0.0) + loss.item() * scales[micro] / cfg.grad_accum
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
         if cfg.grad_clip:
@@ -252,6 +256,25 @@ class Trainer:
             dist.all_reduce(t)
             totals["loss"] = float(t) / self.world
         return {"lr": lr, **totals}
+
+    def _loss_scales(self, batches: list) -> list[float]:
+        """Per-micro-batch loss multipliers. A batch that is a dict with "num_items" (e.g. labelled
+        tokens) has a loss that is a mean over its own items; weighting each by its share of all
+        items in the global batch (every micro-batch of every rank) makes the optimised loss the
+        mean over the global batch, however it is split: N processes, or gradient accumulation,
+        equal one big batch. Other batches (contrastive: the loss already spans the gathered
+        global batch) count equally."""
+        counts = [float(b["num_items"]) if isinstance(b, dict) and "num_items" in b else None for b in batches]
+        if any(c is None for c in counts):
+            return [1.0] * len(batches)
+        total = sum(counts)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([total], dtype=torch.float64)
+            dist.all_reduce(t)
+            total = float(t)
+        return [c * len(batches) * self.world / max(total, 1.0) for c in counts]
 
     def fit(self, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
         """Train to `cfg.steps`; returns the metrics logged in this call."""

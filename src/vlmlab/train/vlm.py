@@ -108,7 +108,8 @@ class ChatBatcher:
             input_ids[r, : len(ids)] = torch.tensor(ids)
             labels[r, : len(lab)] = torch.tensor(lab)
             mask[r, : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                 "num_items": int((labels[:, 1:] != IGNORE_INDEX).sum())}  # the Trainer weighs losses by it
         if pixels is not None:
             batch["pixel_values"] = pixels
         return batch
@@ -308,7 +309,7 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
         source = sample_source(stage.get("data", {"source": "scenes"}), seed=cfg.seed)
         batcher = ChatBatcher(model, stage.get("max_length"), stage.get("system"))
         trainer = Trainer(net, next_token_step, batches(source, batcher, cfg.batch_size), cfg, stage_dir,
-                          samples_per_batch="samples")
+                          samples_per_batch="samples", find_unused_parameters=True)
         done = stage_dir / "done.json"
         if resume and done.is_file():  # finished before: its checkpoint holds the stage's final weights
             trainer.load_checkpoint()
