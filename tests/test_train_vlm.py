@@ -13,7 +13,7 @@ import torch
 
 from vlmlab.data.scenes.scene import SceneConfig
 from vlmlab.data.scenes.tasks import generate_sample
-from vlmlab.errors import ConfigError, DataError
+from vlmlab.errors import ConfigError, DataError, InputError
 from vlmlab.infer.vlm import expand_images
 from vlmlab.nn.checkpointing import set_gradient_checkpointing
 from vlmlab.train import vlm as train_vlm
@@ -353,3 +353,20 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     _run_micro(tmp_path / "one")
     _run_micro(tmp_path / "accum", accum=2)
     _same_run(tmp_path / "one", tmp_path / "accum")
+
+
+def test_bad_images_and_over_long_prompts_get_clear_errors(micro, tmp_path):
+    from vlmlab.errors import ImageError, PromptTooLongError
+
+    image = generate_sample("color", 0, "test", SceneConfig(**SCENE)).images[0]
+    image.save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.png").write_bytes(b"not an image at all")
+    for name in ("cut.png", "text.png"):
+        with pytest.raises(ImageError, match=name):
+            micro.ask("What color?", [tmp_path / name])
+    with pytest.raises(PromptTooLongError, match="256"):  # the micro model's context
+        micro.ask("word " * 400, [tmp_path / "ok.png"], max_new_tokens=4)
+    with pytest.raises(InputError, match="2 <image> marker"):
+        micro.ask("<image><image> two markers, one image", [tmp_path / "ok.png"])

