@@ -302,3 +302,39 @@ def test_saved_folder_loads_in_transformers(tiny, tmp_path):
     again = vlmlab.load(tmp_path)
     assert again.ask("what?", images=[TALL], max_new_tokens=4, stop_token_ids=[]).token_ids == \
         vlm.ask("what?", images=[TALL], max_new_tokens=4, stop_token_ids=[]).token_ids
+
+
+SMOLVLM_TEMPLATE = (  # SmolVLM's own chat template: message content as a list of parts
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def test_chat_prompt_equals_transformers_processor_with_a_parts_template(tiny, tmp_path):
+    """A checkpoint whose chat template takes content as parts (SmolVLM, llava-hf), shipped as
+    chat_template.json: `ask`'s prompt ids equal transformers' apply_chat_template + processor."""
+    import json
+    import shutil
+
+    folder, _, _, _ = tiny
+    shutil.copytree(folder, tmp_path / "m")
+    (tmp_path / "m" / "chat_template.jinja").unlink(missing_ok=True)
+    (tmp_path / "m" / "chat_template.json").write_text(json.dumps({"chat_template": SMOLVLM_TEMPLATE}))
+    vlm = vlmlab.load(tmp_path / "m")
+    images = [WIDE, TALL]
+    messages = [{"role": "user", "content": "<image>What is this?<image> And that?"}]
+    ids, _ = vlm._prepare([messages], system=None, chat=True, images=[images])
+    ref_processor = transformers.Idefics3Processor(
+        transformers.Idefics3ImageProcessorPil(size=SIZE, max_image_size=TILE),
+        transformers.AutoTokenizer.from_pretrained(folder), image_seq_len=PER_TILE, chat_template=SMOLVLM_TEMPLATE)
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"},
+                                          {"type": "image"}, {"type": "text", "text": " And that?"}]}]
+    text = ref_processor.apply_chat_template(parts, add_generation_prompt=True)
+    assert text.endswith("User:<image>What is this?<image> And that?<end_of_utterance>\nAssistant:")
+    ref = ref_processor(text=[text], images=[images], return_tensors="pt")
+    assert ids[0] == ref["input_ids"][0].tolist()
+    # text-only prompts keep their text with such a template
+    ids, _ = vlm._prepare(["Hello there"], system=None, chat=True, images=None)
+    assert vlm.tokenizer.decode(ids[0]) == "<|im_start|>User: Hello there<end_of_utterance>\nAssistant:"

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from vlmlab.data.coords import find_boxes, parse_points
-from vlmlab.errors import InputError
+from vlmlab.errors import InputError, VlmlabError
 from vlmlab.infer.lm import GenerationResult, LanguageModel
 from vlmlab.vision.preprocess import ImageProcessor, load_image
 
@@ -39,6 +39,38 @@ def splice_images(tokenizer, text: str, image_ids: list[list[int]]) -> list[int]
         if i < len(image_ids):
             ids += image_ids[i]
     return ids
+
+
+_PROBE = "\x1fvlmlab-probe"
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render messages whose content is text with "<image>" markers through the checkpoint's
+    chat template. Templates of VLM checkpoints (llava-hf, SmolVLM) expect content as a list of
+    parts, [{"type": "image"}, {"type": "text", "text": ...}], and write their own image marker
+    for each image part; for those the markers become image parts. Text-only templates
+    (SmolLM2's) get the strings as they are."""
+    probe = [{"role": "user", "content": [{"type": "text", "text": _PROBE}]}]
+    try:
+        out = tokenizer.apply_chat_template(probe, add_generation_prompt=False)
+        takes_parts = _PROBE in out and "'type'" not in out  # not just printing the list's repr
+    except VlmlabError:
+        takes_parts = False
+    if takes_parts:
+        messages = [{**m, "content": _parts(m["content"])} if isinstance(m.get("content"), str) else m
+                    for m in messages]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+
+def _parts(text: str) -> list[dict]:
+    pieces = text.split(IMAGE_MARKER)
+    parts: list[dict] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
 
 
 def expand_images(tokenizer, text: str, n_images: int, per_image: int, image_token_id: int) -> list[int]:
@@ -88,7 +120,7 @@ class VisionLanguageModel(LanguageModel):
                 messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
                 if system is not None:
                     messages = [{"role": "system", "content": system}, *messages]
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
             ids.append(splice_images(self.tokenizer, text, image_ids[:len(row)]))
             image_ids = image_ids[len(row):]
         return ids, ({"pixel_values": pixels} if pixels is not None else {})

@@ -243,7 +243,8 @@ class Tokenizer:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "Tokenizer":
         """Load an HF tokenizer folder: tokenizer.json, tokenizer_config.json (optional),
-        special_tokens_map.json (optional) and chat_template.jinja (optional, wins over the config)."""
+        special_tokens_map.json (optional), chat_template.json (a VLM processor's, optional) and
+        chat_template.jinja (optional; the last found wins: config, .json, .jinja)."""
         folder = Path(folder)
         tokenizer_file = folder / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -271,6 +272,12 @@ class Tokenizer:
         if isinstance(chat_template, list):  # named templates: [{"name": ..., "template": ...}]
             named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
             chat_template = named.get("default") or next(iter(named.values()), None)
+        processor_file = folder / "chat_template.json"  # a VLM processor's template (transformers 4.4x)
+        if processor_file.is_file():
+            try:
+                chat_template = json.loads(processor_file.read_text(encoding="utf-8"))["chat_template"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise TokenizerError(f"{processor_file}: expected a JSON object with 'chat_template' ({e})") from None
         template_file = folder / "chat_template.jinja"
         if template_file.is_file():
             chat_template = template_file.read_text(encoding="utf-8")

@@ -34,7 +34,7 @@ from torch import nn
 
 from vlmlab.data.scenes.sample import Sample
 from vlmlab.errors import ConfigError, DataError, InputError
-from vlmlab.infer.vlm import IMAGE_MARKER, VisionLanguageModel, expand_images
+from vlmlab.infer.vlm import IMAGE_MARKER, VisionLanguageModel, expand_images, render_chat
 from vlmlab.nn.lora import lora_param_groups
 from vlmlab.train.trainer import TrainConfig, Trainer
 
@@ -66,8 +66,8 @@ def chat_tokens(tokenizer, messages: list[dict], *, image_token_id: int, per_ima
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise ConfigError("the chat template does not render a conversation as a growing prefix; "
                               "assistant-only labels cannot be placed")
