@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from vlmlab.train.trainer import CHECKPOINT, METRICS, TrainConfig, read_metrics
 
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
+from launch import run_helper  # noqa: E402
 from tiny_clip_train import make_trainer, tiny_clip  # noqa: E402
 
 
@@ -121,12 +119,8 @@ def test_resume_errors_are_named(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_process_torchrun_equals_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPERS)}
-    script = str(HELPERS / "tiny_clip_train.py")
-    subprocess.run([sys.executable, script, str(tmp_path / "one"), "3"], check=True, env=env, timeout=300)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    subprocess.run([*torchrun, script, str(tmp_path / "two"), "3"], check=True, env=env, timeout=300,
-                   capture_output=True)
+    run_helper("tiny_clip_train.py", tmp_path / "one", 3, timeout=300)
+    run_helper("tiny_clip_train.py", tmp_path / "two", 3, procs=2, port=29533, timeout=300)
     a, b = read_metrics(tmp_path / "one" / METRICS), read_metrics(tmp_path / "two" / METRICS)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):

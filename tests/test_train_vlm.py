@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -313,19 +314,11 @@ def test_parts_folder_loads_the_language_model_by_name_and_merges_the_adapter(tm
         vlmlab.load(tmp_path / "parts")
 
 
-HELPERS = Path(__file__).parent / "helpers"
+def _run_micro(out: Path, *, procs: int = 1, accum: int = 1) -> None:
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from launch import run_helper
 
-
-def _run_micro(out: Path, *, procs: int = 1, accum: int = 1, port: int = 29541) -> None:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPERS)}
-    script = [str(HELPERS / "tiny_vlm_train.py"), str(out), "3", str(accum)]
-    launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    "--nproc_per_node", str(procs), "--master_port", str(port)]
-    subprocess.run([*launcher, *script], check=True, env=env, timeout=600, capture_output=True)
+    run_helper("tiny_vlm_train.py", out, 3, accum, procs=procs, port=29541)
 
 
 def _same_run(a: Path, b: Path) -> None:

@@ -133,18 +133,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_recipe(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> int:
+    """`vlmlab train --recipe NAME|FILE --out DIR` (the `clip` subcommand has its own function)."""
     from vlmlab.train.vlm import train_recipe
 
+    if args.recipe is None or args.recipe_out is None:
+        raise InputError("give a subcommand (`vlmlab train clip ...`) or `--recipe NAME|FILE --out DIR`")
     train_recipe(args.recipe, args.recipe_out, resume=args.resume_recipe)
     print(f"model written to {Path(args.recipe_out) / 'model'}")
     return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    if args.recipe is None or args.recipe_out is None:
-        raise InputError("give a subcommand (`vlmlab train clip ...`) or `--recipe NAME|FILE --out DIR`")
-    return _train_recipe(args)
 
 
 def _parse_size(text: str) -> tuple[int, int]:

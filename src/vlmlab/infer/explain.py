@@ -22,7 +22,7 @@ from PIL import Image
 
 from vlmlab.errors import InputError
 from vlmlab.infer.lm import GenerationResult
-from vlmlab.infer.vlm import IMAGE_MARKER, VisionLanguageModel
+from vlmlab.infer.vlm import VisionLanguageModel, with_image_markers
 from vlmlab.nn.attention import record_attention
 from vlmlab.vision.preprocess import load_image
 
@@ -57,8 +57,7 @@ def explain(model: VisionLanguageModel, question: str, image: Any, **generation:
         raise InputError(f"explain supports LLaVA-style models (patch features in the prompt); {model.name} is not one")
     image = image if isinstance(image, Image.Image) else load_image(image)
     result = model.ask(question, [image], **generation)
-    prompt = question if IMAGE_MARKER in question else IMAGE_MARKER + "\n" + question
-    ids, extra = model._prepare([prompt], system=generation.get("system"), chat=True, images=[[image]])
+    ids, extra = model._prepare([with_image_markers(question, 1)], system=generation.get("system"), chat=True, images=[[image]])
     prompt_ids = ids[0]
     full = prompt_ids + result.token_ids
     if not result.token_ids:

@@ -12,6 +12,7 @@ in the first forward pass.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
@@ -50,16 +51,21 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     parts, [{"type": "image"}, {"type": "text", "text": ...}], and write their own image marker
     for each image part; for those the markers become image parts. Text-only templates
     (SmolLM2's) get the strings as they are."""
-    probe = [{"role": "user", "content": [{"type": "text", "text": _PROBE}]}]
-    try:
-        out = tokenizer.apply_chat_template(probe, add_generation_prompt=False)
-        takes_parts = _PROBE in out and "'type'" not in out  # not just printing the list's repr
-    except VlmlabError:
-        takes_parts = False
-    if takes_parts:
+    if _takes_parts(tokenizer, tokenizer.chat_template):
         messages = [{**m, "content": _parts(m["content"])} if isinstance(m.get("content"), str) else m
                     for m in messages]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+
+@lru_cache(maxsize=32)
+def _takes_parts(tokenizer, template: str | None) -> bool:
+    """Whether `template` renders content given as parts (probed once per tokenizer and template)."""
+    probe = [{"role": "user", "content": [{"type": "text", "text": _PROBE}]}]
+    try:
+        out = tokenizer.apply_chat_template(probe, add_generation_prompt=False)
+    except VlmlabError:
+        return False
+    return _PROBE in out and "'type'" not in out  # not just printing the list's repr
 
 
 def _parts(text: str) -> list[dict]:
@@ -71,6 +77,13 @@ def _parts(text: str) -> list[dict]:
         if piece:
             parts.append({"type": "text", "text": piece})
     return parts
+
+
+def with_image_markers(prompt: str | list[dict], n_images: int) -> str | list[dict]:
+    """A question without "<image>" markers gets one per image in front of it."""
+    if isinstance(prompt, str) and n_images and IMAGE_MARKER not in prompt:
+        return IMAGE_MARKER * n_images + "\n" + prompt
+    return prompt
 
 
 def expand_images(tokenizer, text: str, n_images: int, per_image: int, image_token_id: int) -> list[int]:
@@ -135,8 +148,7 @@ class VisionLanguageModel(LanguageModel):
         if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
             images = [images]
         images = [im if isinstance(im, Image.Image) else load_image(im) for im in images]  # decoded once
-        if isinstance(prompt, str) and images and IMAGE_MARKER not in prompt:
-            prompt = IMAGE_MARKER * len(images) + "\n" + prompt
+        prompt = with_image_markers(prompt, len(images))
         *_, results = self._run([prompt], system=system, chat=True, stop=stop, kwargs=kwargs, images=[images])
         return self.locate(results[0], images)
 
