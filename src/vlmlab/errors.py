@@ -43,3 +43,7 @@ class DataError(VlmlabError):
 
 class ImageError(InputError):
     """Image bytes that do not decode, or exceed the pixel / byte limits."""
+
+
+class BusyError(VlmlabError):
+    """A server whose queue is full: the request was refused, not queued; try again later."""

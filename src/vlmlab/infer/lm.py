@@ -120,6 +120,17 @@ class LanguageModel:
         cfg.validate()
         return cfg
 
+    def generation_config(self, *, chat: bool = True, stop: Sequence[str] | None = None, **kwargs) -> GenerationConfig:
+        """The `GenerationConfig` that `generate` would use for these options (validated)."""
+        return self._config(chat, stop, kwargs)
+
+    def prepare(self, prompt: str | list[dict], images: Sequence = (), *, system: str | None = None,
+                chat: bool = True) -> tuple[list[int], torch.Tensor | None]:
+        """Token ids of one prompt and the pixel values of its (decoded) images: what one answer
+        starts from (`infer.batching.Sequence`)."""
+        ids, prefill = self._prepare([prompt], system=system, chat=chat, images=[list(images)])
+        return ids[0], prefill.get("pixel_values")
+
     def _run(self, prompts: list, *, system, chat, stop, kwargs,
              images: list[list] | None = None) -> Iterator[tuple[int, str] | list[GenerationResult]]:
         """Yield (row, text delta) as text appears, then the list of results."""

@@ -57,6 +57,52 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    # ---- a batch whose rows come and go (continuous batching, infer/batching.py) -------------
+
+    @classmethod
+    def merge(cls, caches: list["KVCache"], capacity: int) -> "KVCache":
+        """One cache holding the rows of `caches` in order, each right-aligned to the longest:
+        a shorter cache's rows get zeros in front (the caller masks them out as padding)."""
+        length = max(c.length for c in caches)
+        if capacity < length:
+            raise ValueError(f"capacity {capacity} is below the merged length {length}")
+        merged = cls(len(caches[0].keys), capacity, caches[0].dtype)
+        merged.length = length
+        for layer in range(len(merged.keys)):
+            for name in ("keys", "values"):
+                parts = [getattr(c, name)[layer] for c in caches]
+                first = parts[0]
+                out = first.new_zeros(sum(p.shape[0] for p in parts), first.shape[1], capacity, first.shape[3])
+                row = 0
+                for c, p in zip(caches, parts):
+                    out[row:row + p.shape[0], :, length - c.length:length] = p[:, :, :c.length]
+                    row += p.shape[0]
+                getattr(merged, name)[layer] = out
+        return merged
+
+    def select(self, rows: torch.Tensor, drop_front: int = 0) -> None:
+        """Keep only `rows` (indices along the batch), and drop the first `drop_front` positions
+        (padding that every kept row has) to keep attention short."""
+        for buffers in (self.keys, self.values):
+            for layer, buf in enumerate(buffers):
+                kept = buf.index_select(0, rows)
+                if drop_front:
+                    kept[:, :, :self.length - drop_front] = kept[:, :, drop_front:self.length].clone()
+                buffers[layer] = kept
+        self.length -= drop_front
+
+    def reserve(self, capacity: int) -> None:
+        """Grow every layer's buffers to hold at least `capacity` positions."""
+        if capacity <= self.capacity:
+            return
+        for buffers in (self.keys, self.values):
+            for layer, buf in enumerate(buffers):
+                if buf is not None:
+                    grown = buf.new_zeros(*buf.shape[:2], capacity, buf.shape[3])
+                    grown[:, :, :self.length] = buf[:, :, :self.length]
+                    buffers[layer] = grown
+        self.capacity = capacity
+
 
 def make_attention_mask(
     q_len: int,
