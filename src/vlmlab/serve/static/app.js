@@ -215,6 +215,7 @@ async function ask() {
     model: ui.model.value,
     messages,
     stream: true,
+    stream_options: { include_usage: true },  // a last chunk with the token counts
     max_tokens: parseInt(ui.maxTokens.value, 10) || 128,
     temperature: parseFloat(ui.temperature.value) || 0,
   };
