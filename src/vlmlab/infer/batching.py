@@ -217,9 +217,10 @@ def _pad_front(mask: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class Engine:
-    """A `Batch` driven by a background thread: `submit` queues a sequence (or raises `BusyError`
-    when `max_queue` are already waiting); between decode steps, waiting sequences join the batch
-    up to `max_batch` rows. max_batch=1 decodes one request at a time (no batching)."""
+    """A `Batch` driven by a background thread: `submit` queues a sequence, or raises `BusyError`
+    when every row is taken and `max_queue` sequences already wait for one; between decode
+    steps, waiting sequences join the batch up to `max_batch` rows. max_batch=1 decodes one
+    request at a time (no batching)."""
 
     def __init__(self, model: LanguageModel, *, max_batch: int = 8, max_queue: int = 64):
         if max_batch < 1 or max_queue < 0:
@@ -252,9 +253,11 @@ class Engine:
     def submit(self, seq: Sequence) -> None:
         self.batch.check(seq)
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
-                raise BusyError(f"the server is busy: {len(self.waiting)} requests are already waiting "
-                                f"(max_queue={self.max_queue}); retry shortly")
+            free_rows = max(0, self.max_batch - len(self.batch))
+            if len(self.waiting) >= self.max_queue + free_rows:
+                raise BusyError(f"the server is busy: {len(self.batch)} requests are running and "
+                                f"{len(self.waiting)} waiting (max_batch={self.max_batch}, max_queue={self.max_queue}); "
+                                "retry shortly")
             self.waiting.append(seq)
             self.cond.notify()
 

@@ -157,7 +157,7 @@ def _parse_parts(parts: list, where: str, role: str, images: list[str]) -> str:
                 raise RequestError(f"{at}: images are only allowed in user messages, not {role}", at)
             spec = part.get("image_url")
             url = spec.get("url") if isinstance(spec, dict) else spec
-            if not isinstance(url, str) or not url:
+            if not isinstance(url, str):  # an empty or bad URL is refused by serve.media, saying why
                 raise RequestError(f'{at}.image_url must be {{"url": "data:image/...;base64,..."}}', f"{at}.image_url")
             images.append(url)
             text += IMAGE_MARKER
