@@ -8,7 +8,7 @@ For every (implementation, dtype, batch) configuration, in a fresh subprocess:
 * run one warm-up generation, then `--repeats` timed generations of exactly `--new-tokens` greedy
   tokens for `--batch` copies of the same chat prompt (exactly `--prompt-tokens` tokens);
 * record, per generation, the host time at which each new token is available (vlmlab: each step
-  `vlmlab.infer.generate.generate_tokens` yields; transformers: each `streamer.put` from
+  `vlmlab.infer.batching.Batch` samples (each row's own token clock); transformers: each `streamer.put` from
   `model.generate`, which happens at the same point of the loop: after argmax, before the next
   forward);
 * report the median time to first token (call -> first token: prefill + first sampling), the
@@ -264,7 +264,8 @@ def worker_vlmlab(spec: dict) -> dict:
     import torch
 
     import vlmlab
-    from vlmlab.infer.generate import GenerationConfig, generate_tokens
+    from vlmlab.infer.batching import Batch, Row
+    from vlmlab.infer.generate import GenerationConfig
 
     batch, new_tokens, repeats = spec["batch"], spec["new_tokens"], spec["repeats"]
     rss0 = rss_mib()
@@ -282,12 +283,15 @@ def worker_vlmlab(spec: dict) -> dict:
 
     def run_once() -> tuple[dict, list[int]]:
         cfg = GenerationConfig(max_new_tokens=new_tokens, stop_token_ids=())
-        stamps, first_row = [], []
+        rows = [Row(p, cfg) for p in prompts]
         t0 = time.perf_counter()
-        for step in generate_tokens(lm.net, prompts, cfg, pad_id=pad):
-            stamps.append(time.perf_counter())
-            first_row.append(step[0])
-        return timing_from_stamps(t0, stamps, time.perf_counter()), first_row
+        for _ in Batch(lm).run(rows):
+            pass
+        t_end, first = time.perf_counter(), rows[0]
+        n = len(first.tokens)  # the rows' own clocks: when each token was sampled, before the next forward
+        span = first.last_token_at - first.first_token_at
+        return {"ttft_s": first.first_token_at - t0, "decode_tok_s": (n - 1) / span if n > 1 else 0.0,
+                "total_s": t_end - t0, "new_tokens": n}, first.tokens
 
     n_params = logical_param_count(lm.net)
     wb = {"params": n_params, "bytes": weight_bytes_per_token(lm.net, n_params, lm.dtype), "dtype": spec["dtype"]}

@@ -10,10 +10,10 @@ Both libraries run the same weights, from one Hugging Face LLaVA folder (float32
   tokens, exactly 32 new greedy tokens (no stop tokens), float32 and bfloat16:
     - batch 1 latency: vlmlab's `model.ask(question, [image])` end to end (preprocessing, chat
       template, generation, detokenisation), vlmlab's generation loop alone on prepared inputs
-      (`_prepare` ids + pixel_values -> `vlmlab.infer.generate.generate_tokens`), and
+      (`prepare` ids + pixel_values -> `vlmlab.infer.batching.Batch`), and
       transformers' `LlavaForConditionalGeneration.generate` on the same prepared ids and pixels;
     - batch 8 throughput (8 images, new tokens/s over all sequences): the same three, batched
-      (vlmlab: `_run` with 8 prompts, the batched form of `ask`; generate_tokens; generate on the
+      (vlmlab: `_run` with 8 prompts, the batched form of `ask`; Batch on prepared rows; generate on the
       left-padded batch with its attention mask).
   The greedy tokens of both libraries are compared (leading tokens that agree).
 * train: samples/s of the tiny-scenes recipe's model (`new_llava(**recipe["model"]["new"])`,
@@ -178,7 +178,7 @@ def worker_ask(spec: dict) -> dict:
                 return model.generate(**inputs, **options)[:, width:].tolist()
     else:
         import vlmlab
-        from vlmlab.infer.generate import GenerationConfig, generate_tokens
+        from vlmlab.infer.batching import Batch, Row
 
         model = vlmlab.load(spec["folder"], dtype=spec["dtype"])
         extra["onednn_packed"] = model.packed
@@ -198,18 +198,17 @@ def worker_ask(spec: dict) -> dict:
                                          images=[[im] for im in images])
                 return [r.token_ids for r in results]
         else:  # generation alone, on inputs prepared beforehand
-            ids, prefill = model._prepare([prompt] * batch, system=None, chat=True, images=[[im] for im in images])
+            prepared = [model.prepare(prompt, [im]) for im in images]
             expected = [row[m.bool()].tolist() for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
-            if ids != expected:
+            if [ids for ids, _ in prepared] != expected:
                 raise SystemExit("vlmlab's prepared ids differ from the benchmark's inputs")
-            cfg = GenerationConfig(max_new_tokens=n, stop_token_ids=())
+            cfg = model.generation_config(max_new_tokens=n, stop_token_ids=())
 
             def run() -> list[list[int]]:
-                rows: list[list[int]] = [[] for _ in range(batch)]
-                for step in generate_tokens(model.net, ids, cfg, pad_id=spec["pad_id"], prefill=prefill):
-                    for row, tok in zip(rows, step):
-                        row.append(tok)
-                return rows
+                rows = [Row(ids, cfg, pixels) for ids, pixels in prepared]
+                for _ in Batch(model).run(rows):
+                    pass
+                return [row.tokens for row in rows]
     load_s, rss1, load_before = time.perf_counter() - t, rss_mib(), loadavg()
     tokens, runs, load = timed_calls(run, spec["warmup"], spec["repeats"])
     if any(len(row) != n for row in tokens):
@@ -350,7 +349,7 @@ def ask_title(p: dict) -> str:
     return (f"ask: {p['model']} ({p['params'] / 1e6:.1f}M parameters; {p['vision']}; {p['text']}); prompt "
             f"{p['prompt_tokens']} tokens ({p['image_features']} image features, question of {p['question_tokens']} "
             f"tokens: {p['question']!r}), {p['new_tokens']} new greedy tokens; median of {p['repeats']} calls after "
-            f"{p['warmup']} warm-up. vlmlab ask: end to end from image and text; vlmlab: generate_tokens on prepared "
+            f"{p['warmup']} warm-up. vlmlab ask: end to end from image and text; vlmlab: Batch.run on prepared "
             f"ids + pixels; transformers: generate on the same. vl/hf: tokens/s ratio (above 1: vlmlab faster)")
 
 

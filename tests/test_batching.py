@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from vlmlab.errors import BusyError, PromptTooLongError
-from vlmlab.infer.batching import Batch, Engine, Sequence
+from vlmlab.infer.batching import Batch, Engine, Row
 from vlmlab.infer.vlm import with_image_markers
 from vlmlab.nn.attention import KVCache
 
@@ -56,11 +56,11 @@ def alone(vlm, question, images, options):
     return vlm.ask(question, images, stop=stop, stop_token_ids=[], **options)
 
 
-def sequence(vlm, question, images, options, **kwargs) -> Sequence:
+def sequence(vlm, question, images, options, **kwargs) -> Row:
     options = dict(options)
     stop = options.pop("stop", None)
     ids, pixels = vlm.prepare(with_image_markers(question, len(images)), images)
-    return Sequence(ids, vlm.generation_config(stop=stop, stop_token_ids=[], **options), pixels, **kwargs)
+    return Row(ids, vlm.generation_config(stop=stop, stop_token_ids=[], **options), pixels, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_a_bad_row_fails_alone(vlm, singles):
     batch = Batch(vlm)
     good = sequence(vlm, *REQUESTS[0])
     ids, _ = vlm.prepare("<image>\nno pixels for me", [image(0)])
-    bad = Sequence(ids, vlm.generation_config(max_new_tokens=4), None)  # placeholders but no image
+    bad = Row(ids, vlm.generation_config(max_new_tokens=4), None)  # placeholders but no image
     batch.add([good, bad])
     assert bad.finish_reason == "error" and "placeholder" in str(bad.error)
     while len(batch):
@@ -183,7 +183,7 @@ def test_a_bad_row_fails_alone(vlm, singles):
 def test_prompt_over_the_context_is_refused_at_submit(vlm):
     engine = Engine(vlm)
     with pytest.raises(PromptTooLongError, match="context is 256 tokens"):
-        engine.submit(Sequence([5] * 300, vlm.generation_config(max_new_tokens=4)))
+        engine.submit(Row([5] * 300, vlm.generation_config(max_new_tokens=4)))
 
 
 def test_kv_cache_merge_right_aligns_and_select_drops_rows_and_padding():

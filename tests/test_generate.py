@@ -15,9 +15,9 @@ from vlmlab.infer.generate import (  # noqa: E402
     TextStream,
     apply_repetition_penalty,
     filter_top_k_top_p,
-    generate_tokens,
     sample,
 )
+from vlmlab.infer.batching import Batch, Row  # noqa: E402
 
 from conftest import TINY_VOCAB  # noqa: E402
 
@@ -103,14 +103,21 @@ def test_batched_greedy_with_repetition_penalty_equals_one_by_one(lm):
         assert row.token_ids == lm.generate(prompt, **kwargs).token_ids, prompt
 
 
-def test_generate_tokens_batched_rows_equal_single_rows(lm):
+def decode(lm, prompts: list[list[int]], cfg: GenerationConfig) -> tuple[list[Row], list[int]]:
+    """Rows decoded as one static batch, and the batch size at each step."""
+    rows = [Row(p, cfg) for p in prompts]
+    batch = Batch(lm)
+    sizes = [len(batch) for _ in batch.run(rows)]
+    return rows, sizes
+
+
+def test_batch_rows_equal_single_rows(lm):
     prompts = [lm.prompt_ids(p) for p in PROMPTS]
     cfg = GenerationConfig(max_new_tokens=10)
-    batch = list(generate_tokens(lm.net, prompts, cfg, pad_id=0))
-    assert len(batch) == 10 and all(len(step) == 3 for step in batch)
-    for i, p in enumerate(prompts):
-        alone = [step[0] for step in generate_tokens(lm.net, [p], cfg, pad_id=0)]
-        assert [step[i] for step in batch] == alone
+    rows, sizes = decode(lm, prompts, cfg)
+    assert len(sizes) == 10 and all(len(r.tokens) == 10 for r in rows)
+    for p, row in zip(prompts, rows):
+        assert decode(lm, [p], cfg)[0][0].tokens == row.tokens
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -263,10 +270,10 @@ def test_stop_token_ends_only_its_row_in_a_batch(lm, singles):
     k = next(k for k in range(2, 16) if toks0[k] not in toks0[:k] and toks0[k] not in toks1)
     stop = toks0[k]
     prompts = [lm.prompt_ids(PROMPTS[0]), lm.prompt_ids(PROMPTS[1])]
-    steps = list(generate_tokens(lm.net, prompts, GenerationConfig(max_new_tokens=16, stop_token_ids=[stop])))
-    assert len(steps) == 16
-    assert [s[0] for s in steps] == toks0[: k + 1] + [None] * (15 - k)  # the stop token is yielded, then None
-    assert [s[1] for s in steps] == toks1
+    rows, sizes = decode(lm, prompts, GenerationConfig(max_new_tokens=16, stop_token_ids=[stop]))
+    assert sizes == [2] * k + [1] * (15 - k) + [0]  # the stopped row left the batch at its stop token
+    assert rows[0].tokens == toks0[:k] and rows[0].finish_reason == "stop"
+    assert rows[1].tokens == toks1 and rows[1].finish_reason == "length"
     results = lm.generate(PROMPTS[:2], max_new_tokens=16, stop_token_ids=[stop])
     assert [r.finish_reason for r in results] == ["stop", "length"]
     assert results[0].token_ids == toks0[:k] and results[1].token_ids == toks1
@@ -275,8 +282,8 @@ def test_stop_token_ends_only_its_row_in_a_batch(lm, singles):
 def test_generation_ends_when_all_rows_stop(lm, singles):
     toks = singles[0].token_ids
     k = first_new_token_index(toks)
-    steps = list(generate_tokens(lm.net, [lm.prompt_ids(PROMPTS[0])], GenerationConfig(max_new_tokens=16, stop_token_ids=[toks[k]])))
-    assert len(steps) == k + 1
+    _, sizes = decode(lm, [lm.prompt_ids(PROMPTS[0])], GenerationConfig(max_new_tokens=16, stop_token_ids=[toks[k]]))
+    assert len(sizes) == k + 1
 
 
 def test_default_chat_stop_tokens(lm):
@@ -428,10 +435,10 @@ def test_max_new_tokens_is_clamped_to_the_context(short_lm):
 
 
 def test_empty_prompt_rejected(lm):
-    with pytest.raises(InputError, match="every prompt must have at least one token"):
-        list(generate_tokens(lm.net, [[1, 2], []], GenerationConfig()))
-    with pytest.raises(InputError, match="every prompt must have at least one token"):
-        list(generate_tokens(lm.net, [], GenerationConfig()))
+    with pytest.raises(InputError, match="the prompt has no tokens"):
+        decode(lm, [[1, 2], []], GenerationConfig())
+    with pytest.raises(InputError, match="prompt is an empty list"):
+        lm.generate([])
 
 
 # ---- config validation -----------------------------------------------------------------------

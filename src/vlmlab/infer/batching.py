@@ -1,12 +1,15 @@
-"""Continuous batching: requests join and leave a running batch between decode steps.
+"""The decode loop, and continuous batching: requests join and leave a running batch between
+decode steps.
 
-A `Sequence` is one answer being generated: prompt ids, images, sampling options, and the
+A `Row` is one answer being generated: prompt ids, images, sampling options, and the
 tokens so far. `Batch` holds the rows decoded together: one KV cache whose rows are right-aligned
 (a shorter history is padded in front and masked out), the padding mask, and every row's
 next-token logits. `Batch.add` prefills new sequences together and merges them in; `Batch.step`
 samples one token per row, hands each sequence its text, drops finished rows and runs one decode
-forward for the others. `Engine` runs that loop on a thread behind a bounded queue: what
-`vlmlab serve` uses so that concurrent users share the CPU or GPU.
+forward for the others. `Batch.run` is static batching (what `generate` and `ask` do: all
+rows prefilled together, decoded until the last finishes); `Engine` runs the loop on a thread
+behind a bounded queue, admitting rows as they come: what `vlmlab serve` uses so that
+concurrent users share the CPU or GPU.
 
 A row's tokens do not depend on its neighbours: positions come from the row's own mask, padding
 is masked out of attention, and each row samples with its own seeded generator, so an answer
@@ -20,14 +23,16 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from vlmlab.errors import BusyError, InputError, PromptTooLongError, VlmlabError
-from vlmlab.infer.generate import GenerationConfig, TextStream, cache_dtype, sample
-from vlmlab.infer.lm import GenerationResult, LanguageModel
+from vlmlab.infer.generate import GenerationConfig, GenerationResult, TextStream, cache_dtype, sample
 from vlmlab.nn.attention import KVCache
+
+if TYPE_CHECKING:
+    from vlmlab.infer.lm import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,7 @@ RATE_WINDOW_S = 10.0  # the window of `Engine.tokens_per_s`
 
 
 @dataclass(eq=False)
-class Sequence:
+class Row:
     """One answer being generated. `on_event(seq, text, done)` is called from the engine's thread
     with each new piece of text, and once more with done=True when the row finishes
     (`finish_reason`: "stop", "length", "cancelled", "timeout" or "error", then `error` says why).
@@ -45,7 +50,7 @@ class Sequence:
     prompt: list[int]
     cfg: GenerationConfig
     pixel_values: torch.Tensor | None = None
-    on_event: Callable[["Sequence", str, bool], None] | None = None
+    on_event: Callable[["Row", str, bool], None] | None = None
     deadline: float | None = None  # time.monotonic() after which the row stops with "timeout"
     seed_offset: int = 0  # choice i of a request samples with seed + i, as row i of a batch does
     tokens: list[int] = field(default_factory=list)
@@ -114,12 +119,12 @@ class Sequence:
 class Batch:
     """The rows decoded together, and the two operations of continuous batching."""
 
-    def __init__(self, model: LanguageModel):
+    def __init__(self, model: "LanguageModel"):
         self.model = model
         self.net = model.net
         self.device = next(self.net.parameters()).device
         self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-        self.rows: list[Sequence] = []
+        self.rows: list[Row] = []
         self.cache: KVCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, cache length) True at real positions
         self.logits: torch.Tensor | None = None  # (rows, vocab): each row's next-token logits
@@ -127,7 +132,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def check(self, seq: Sequence) -> None:
+    def check(self, seq: Row) -> None:
         """Refuse a sequence that cannot run (before it waits in a queue)."""
         seq.cfg.validate()
         if not seq.prompt:
@@ -137,8 +142,21 @@ class Batch:
             raise PromptTooLongError(f"the prompt has {len(seq.prompt)} tokens but the model's context is "
                                      f"{context} tokens; shorten the prompt")
 
+    def run(self, rows: list[Row]) -> Iterator[None]:
+        """Static batching: prefill `rows` together, then decode until every row has finished,
+        yielding after each step. Raises the error of a row that could not start."""
+        for row in rows:
+            self.check(row)
+        self.add(rows)
+        for row in rows:
+            if row.error is not None:
+                raise row.error
+        while len(self):
+            self.step()
+            yield
+
     @torch.inference_mode()
-    def add(self, seqs: list[Sequence]) -> None:
+    def add(self, seqs: list[Row]) -> None:
         """Prefill `seqs` together and merge them into the running batch. A group whose prefill
         fails is retried one by one, so only the bad sequence fails (with its error)."""
         try:
@@ -161,7 +179,7 @@ class Batch:
             self.logits = torch.cat([self.logits, logits])
         self.rows += seqs
 
-    def _prefill(self, seqs: list[Sequence]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    def _prefill(self, seqs: list[Row]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
         longest = max(len(s.prompt) for s in seqs)
         ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros((len(seqs), longest), dtype=torch.bool, device=self.device)
@@ -222,12 +240,12 @@ class Engine:
     steps, waiting sequences join the batch up to `max_batch` rows. max_batch=1 decodes one
     request at a time (no batching)."""
 
-    def __init__(self, model: LanguageModel, *, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, model: "LanguageModel", *, max_batch: int = 8, max_queue: int = 64):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.batch = Batch(model)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Row] = deque()
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -250,7 +268,7 @@ class Engine:
             self.recent.popleft()
         return sum(n for _, n in list(self.recent)) / RATE_WINDOW_S
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: Row) -> None:
         self.batch.check(seq)
         with self.cond:
             free_rows = max(0, self.max_batch - len(self.batch))
@@ -281,7 +299,7 @@ class Engine:
         self.waiting.clear()
         self.batch.fail_all(stopped)
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self) -> list[Row]:
         """Waiting sequences that join now (cancelled or expired ones are finished, not admitted)."""
         joining = []
         now = time.monotonic()

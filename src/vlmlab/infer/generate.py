@@ -1,9 +1,10 @@
-"""Token generation for any decoder with vlmlab's `forward(ids, attention_mask=, cache=, logits_to_keep=)`.
+"""What generation is made of, for any decoder with vlmlab's `forward(ids, attention_mask=,
+cache=, logits_to_keep=)`: the options (`GenerationConfig`), picking the next token (greedy,
+temperature, top-k, top-p, repetition penalty), `TextStream`, which turns a row's tokens into
+text deltas and watches for stop strings, and the answer (`GenerationResult`).
 
-`generate_tokens` runs the loop: left-padded batched prefill, then one token per step through the
-KV cache, with greedy / temperature / top-k / top-p sampling and a repetition penalty. Sampling
-uses one seeded generator per row, so a row samples the same tokens alone or in a batch.
-`TextStream` turns a row's tokens into text deltas and watches for stop strings.
+The loop that runs them, for one prompt, a batch, or requests that come and go, is
+`infer.batching.Batch`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,33 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from vlmlab.errors import InputError, PromptTooLongError
+from vlmlab.errors import InputError
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's answer. `token_ids` are the new tokens (without the stop token).
+
+    tokens_per_s is the decode rate after the first token: (n - 1) / (t_last - t_first).
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    time_to_first_token_s: float
+    tokens_per_s: float
+    # A VLM's answer: boxes (x0, y0, x1, y1) and points (x, y) it wrote, in the pixels of the
+    # original image they refer to (None for text-only generation).
+    boxes: list[tuple[float, float, float, float]] | None = None
+    points: list[tuple[float, float]] | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None or k not in ("boxes", "points")}
 
 
 @dataclass
@@ -101,76 +124,6 @@ def cache_dtype(model) -> torch.dtype:
     if param.device.type == "cpu" and param.dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return param.dtype
-
-
-@torch.inference_mode()
-def generate_tokens(
-    model,
-    prompts: Sequence[Sequence[int]],
-    cfg: GenerationConfig,
-    *,
-    pad_id: int = 0,
-    done: list[bool] | None = None,
-    prefill: dict | None = None,
-) -> Iterator[list[int | None]]:
-    """Yield, step by step, the new token of every prompt (None for rows that have finished).
-
-    A row finishes after yielding one of `cfg.stop_token_ids`, or when the caller sets
-    `done[row] = True` (stop strings are detected on text, by the caller). The loop ends when every
-    row is done or `max_new_tokens` were produced (fewer if the context would overflow).
-    `prefill`: extra inputs of the first forward only (a VLM's `pixel_values`).
-    """
-    cfg.validate()
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise InputError("every prompt must have at least one token")
-    batch = len(prompts)
-    longest = max(len(p) for p in prompts)
-    context = model.context_length
-    if longest >= context:
-        raise PromptTooLongError(
-            f"prompt has {longest} tokens but the model's context is {context} tokens; shorten the prompt"
-        )
-    steps = min(cfg.max_new_tokens, context - longest)
-    done = done if done is not None else [False] * batch
-    device = next(model.parameters()).device
-    ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((batch, longest), dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, longest - len(p):] = True
-    padded = not bool(mask.all())
-    generators = [None] * batch
-    if cfg.temperature > 0:
-        base = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**62)
-        generators = [torch.Generator(device=device).manual_seed(base + i) for i in range(batch)]
-    stop_ids = set(cfg.stop_token_ids)
-    cache = model.new_cache(longest + steps, dtype=cache_dtype(model))
-    logits = model(ids, attention_mask=mask if padded else None, cache=cache, logits_to_keep=1, **(prefill or {}))[:, -1]
-    seen = None
-    if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros((batch, logits.shape[-1]), dtype=torch.bool, device=device)
-        # Pad positions point at the row's last (always real) token, so no index is written twice
-        # with different values (scatter's order for duplicates is undefined).
-        seen.scatter_(1, ids.where(mask, ids[:, -1:]), True)
-    for step in range(steps):
-        next_ids = sample(logits, cfg, seen, generators)
-        tokens = next_ids.tolist()
-        out: list[int | None] = []
-        for i, tok in enumerate(tokens):
-            if done[i]:
-                out.append(None)
-                continue
-            out.append(tok)
-            if tok in stop_ids:
-                done[i] = True
-        yield out
-        if all(done) or step == steps - 1:
-            return
-        if seen is not None:
-            seen.scatter_(1, next_ids[:, None], True)
-        if padded:
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        logits = model(next_ids[:, None], attention_mask=mask if padded else None, cache=cache)[:, -1]
 
 
 class TextStream:

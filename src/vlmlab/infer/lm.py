@@ -15,33 +15,12 @@ import torch
 
 from vlmlab.checkpoints.hf import write_json, write_safetensors
 from vlmlab.errors import InputError
-from vlmlab.infer.generate import GenerationConfig, TextStream, generate_tokens
+from vlmlab.infer.batching import Batch, Row
+from vlmlab.infer.generate import GenerationConfig, GenerationResult
 from vlmlab.nn.packed import pack_for_inference, unpack
 
 # End-of-turn markers of common chat templates; generation in chat mode stops on any present.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-
-
-@dataclass
-class GenerationResult:
-    """One prompt's answer. `token_ids` are the new tokens (without the stop token).
-
-    tokens_per_s is the decode rate after the first token: (n - 1) / (t_last - t_first).
-    """
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" (stop token or string) or "length"
-    time_to_first_token_s: float
-    tokens_per_s: float
-    # A VLM's answer: boxes (x0, y0, x1, y1) and points (x, y) it wrote, in the pixels of the
-    # original image they refer to (None for text-only generation).
-    boxes: list[tuple[float, float, float, float]] | None = None
-    points: list[tuple[float, float]] | None = None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None or k not in ("boxes", "points")}
 
 
 class LanguageModel:
@@ -126,54 +105,37 @@ class LanguageModel:
 
     def prepare(self, prompt: str | list[dict], images: Sequence = (), *, system: str | None = None,
                 chat: bool = True) -> tuple[list[int], torch.Tensor | None]:
-        """Token ids of one prompt and the pixel values of its (decoded) images: what one answer
-        starts from (`infer.batching.Sequence`)."""
-        ids, prefill = self._prepare([prompt], system=system, chat=chat, images=[list(images)])
-        return ids[0], prefill.get("pixel_values")
+        """Token ids of one prompt (a string, wrapped in the chat template unless chat=False, or
+        messages) and the pixel values of its images (a VLM's; None without images): what one
+        answer starts from (`infer.batching.Row`)."""
+        if images:
+            raise InputError(f"{self.name} is a language model; it cannot take images")
+        return self.prompt_ids(prompt, system=system, chat=chat), None
+
+    def _prepare(self, prompts: list, *, system, chat, images=None) -> tuple[list[list[int]], dict]:
+        """`prepare` for several prompts: their ids, and the first forward's extra inputs (all
+        images' pixel values, in order)."""
+        rows = [self.prepare(p, images[i] if images else (), system=system, chat=chat) for i, p in enumerate(prompts)]
+        pixels = [px for _, px in rows if px is not None]
+        return [ids for ids, _ in rows], ({"pixel_values": torch.cat(pixels)} if pixels else {})
 
     def _run(self, prompts: list, *, system, chat, stop, kwargs,
              images: list[list] | None = None) -> Iterator[tuple[int, str] | list[GenerationResult]]:
-        """Yield (row, text delta) as text appears, then the list of results."""
+        """Yield (row, text delta) as text appears, then the list of results. The prompts are
+        prefilled together and decoded as one batch; row i samples with seed + i."""
         start = time.perf_counter()
         cfg = self._config(chat, stop, dict(kwargs))
-        ids, prefill = self._prepare(prompts, system=system, chat=chat, images=images)
-        streams = [TextStream(self.tokenizer, cfg.stop_strings) for _ in prompts]
-        new: list[list[int]] = [[] for _ in prompts]
-        reasons = ["length"] * len(prompts)
-        done = [False] * len(prompts)
-        first = last = None
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for step in generate_tokens(self.net, ids, cfg, pad_id=pad, done=done, prefill=prefill):
-            last = time.perf_counter()
-            first = first or last
-            for row, tok in enumerate(step):
-                if tok is None:
-                    continue
-                if tok in cfg.stop_token_ids:
-                    reasons[row] = "stop"
-                    continue
-                new[row].append(tok)
-                delta = streams[row].push(tok)
-                if streams[row].stopped:
-                    done[row], reasons[row] = True, "stop"
-                if delta:
-                    yield row, delta
-        for row, s in enumerate(streams):
-            if tail := s.flush():
-                yield row, tail
-        ttft = (first or time.perf_counter()) - start
-        results = []
-        for row, toks in enumerate(new):
-            n = len(toks) + (reasons[row] == "stop" and not streams[row].stopped)
-            rate = (n - 1) / (last - first) if n > 1 and last > first else 0.0
-            results.append(GenerationResult(streams[row].text, toks, len(ids[row]), reasons[row], ttft, rate))
-        yield results
-
-    def _prepare(self, prompts: list, *, system, chat, images=None) -> tuple[list[list[int]], dict]:
-        """Token ids of each prompt, and extra inputs of the first forward (a VLM adds its images)."""
-        if images and any(images):
-            raise InputError(f"{self.name} is a language model; it cannot take images")
-        return [self.prompt_ids(p, system=system, chat=chat) for p in prompts], {}
+        deltas: list[tuple[int, str]] = []
+        rows = []
+        for i, prompt in enumerate(prompts):
+            ids, pixels = self.prepare(prompt, images[i] if images else (), system=system, chat=chat)
+            rows.append(Row(ids, cfg, pixels, seed_offset=i, created=start,
+                            on_event=lambda row, text, done, i=i: text and deltas.append((i, text))))
+        for _ in Batch(self).run(rows):
+            yield from deltas
+            deltas.clear()
+        yield from deltas
+        yield [row.result() for row in rows]
 
     def generate(
         self,

@@ -21,7 +21,8 @@ from PIL import Image
 
 from vlmlab.data.coords import find_boxes, parse_points
 from vlmlab.errors import InputError, VlmlabError
-from vlmlab.infer.lm import GenerationResult, LanguageModel
+from vlmlab.infer.generate import GenerationResult
+from vlmlab.infer.lm import LanguageModel
 from vlmlab.vision.preprocess import ImageProcessor, load_image
 
 IMAGE_MARKER = "<image>"
@@ -121,22 +122,19 @@ class VisionLanguageModel(LanguageModel):
         pixels = self.processor(images).to(self.dtype)
         return pixels, [[self.image_token_id] * self.features_per_image(pixels)] * len(images)
 
-    def _prepare(self, prompts: list, *, system, chat, images=None) -> tuple[list[list[int]], dict]:
-        images = images or [[] for _ in prompts]
-        flat = [im for row in images for im in row]
-        pixels, image_ids = self.image_inputs(flat) if flat else (None, [])
-        ids = []
-        for prompt, row in zip(prompts, images):
-            if not chat:
-                text = prompt
-            else:
-                messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-                if system is not None:
-                    messages = [{"role": "system", "content": system}, *messages]
-                text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
-            ids.append(splice_images(self.tokenizer, text, image_ids[:len(row)]))
-            image_ids = image_ids[len(row):]
-        return ids, ({"pixel_values": pixels} if pixels is not None else {})
+    def prepare(self, prompt: str | list[dict], images: Sequence = (), *, system: str | None = None,
+                chat: bool = True) -> tuple[list[int], torch.Tensor | None]:
+        """Token ids of one prompt (its "<image>" markers expanded into the images' token ids)
+        and the images' pixel values (None without images)."""
+        pixels, image_ids = self.image_inputs(list(images)) if images else (None, [])
+        if not chat:
+            text = prompt
+        else:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            if system is not None:
+                messages = [{"role": "system", "content": system}, *messages]
+            text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        return splice_images(self.tokenizer, text, image_ids), pixels
 
     def ask(self, prompt: str | list[dict], images: Any = (), *, system: str | None = None,
             stop: Sequence[str] | None = None, **kwargs) -> GenerationResult:

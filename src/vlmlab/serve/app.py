@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmlab.errors import BusyError, InputError, VlmlabError
-from vlmlab.infer.batching import Engine, Sequence
+from vlmlab.infer.batching import Engine, Row
 from vlmlab.infer.dual import DualEncoder
 from vlmlab.serve import protocol
 from vlmlab.serve.config import ServeConfig
@@ -215,7 +215,7 @@ def create_app(models: dict[str, Any], config: ServeConfig | None = None) -> Fas
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + server.config.request_timeout_s
-        seqs = [Sequence(ids, cfg, pixels, deadline=deadline, seed_offset=i,
+        seqs = [Row(ids, cfg, pixels, deadline=deadline, seed_offset=i,
                          on_event=lambda seq, text, done: loop.call_soon_threadsafe(events.put_nowait, (seq, text, done)))
                 for i in range(req.n)]
         try:
@@ -296,12 +296,12 @@ def _prepare(model, req: protocol.ChatRequest, images: list, config: ServeConfig
     return ids, pixels, cfg
 
 
-def _cancel(seqs: list[Sequence]) -> None:
+def _cancel(seqs: list[Row]) -> None:
     for seq in seqs:
         seq.cancelled = True  # the engine frees the row (or skips it in the queue); no-op if finished
 
 
-def _raise_failure(seq: Sequence, config: ServeConfig) -> None:
+def _raise_failure(seq: Row, config: ServeConfig) -> None:
     if seq.finish_reason == "timeout":
         raise ApiError(408, f"the request took longer than the limit of {config.request_timeout_s:g} s "
                             "(request_timeout_s)", "timeout_error", code="timeout")
@@ -309,7 +309,7 @@ def _raise_failure(seq: Sequence, config: ServeConfig) -> None:
         raise seq.error
 
 
-def _locate(model, seq: Sequence, images: list):
+def _locate(model, seq: Row, images: list):
     result = seq.result()
     return model.locate(result, images) if hasattr(model, "locate") else result
 
@@ -318,7 +318,7 @@ def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _stream(rid: str, req: protocol.ChatRequest, model, images: list, seqs: list[Sequence],
+async def _stream(rid: str, req: protocol.ChatRequest, model, images: list, seqs: list[Row],
                   events: asyncio.Queue, config: ServeConfig):
     """Server-sent events in OpenAI's chunk format; the rows are cancelled if the client leaves."""
     created = int(time.time())
