@@ -260,7 +260,7 @@ def test_bad_requests(url, name):
 def test_malformed_json_and_oversized_bodies(url):
     status, body, _ = post(url, "/v1/chat/completions", b'{"model": "tiny", "messages": [')
     assert status == 400 and body["error"]["message"].startswith("request body is not valid JSON")
-    big = b'{"model": "tiny", "pad": "' + b"x" * (5 * 2**20) + b'"}'  # over this server's 4 MiB limit
+    big = b'{"model": "tiny", "pad": "' + b"x" * (50 * 10**6) + b'"}'  # 50 MB, over this server's 4 MiB limit
     status, body, _ = post(url, "/v1/chat/completions", big)
     assert status == 413 and "more than the limit of 4,194,304 bytes (max_body_bytes)" in body["error"]["message"]
     # Without a Content-Length (chunked upload) the limit holds while reading.
@@ -331,6 +331,28 @@ def test_disconnected_stream_frees_its_row(url):
     while 'vlmlab_running{model="tiny"} 0' not in get(url, "/metrics"):
         assert time.monotonic() < deadline, "the row of a disconnected client was not freed"
         time.sleep(0.05)
+
+
+def test_disconnected_client_frees_its_row_at_once(models):
+    """A non-streaming client that leaves: its row stops within a few steps, not after max_tokens."""
+    import socket
+
+    with live_server(create_app({"tiny": models["tiny"]}, ServeConfig(max_batch=1))) as base:
+        def generated() -> float:
+            line = next(l for l in get(base, "/metrics").splitlines() if l.startswith("vlmlab_generated_tokens_total"))
+            return float(line.split()[-1])
+
+        host, port = base.removeprefix("http://").split(":")
+        body = json.dumps(chat_body("talk", max_tokens=200)).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.02)
+        deadline = time.monotonic() + 10
+        while 'vlmlab_running{model="tiny"} 0' not in get(base, "/metrics"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert 0 < generated() < 150  # the row left long before its 200 tokens (2-4 in my runs)
 
 
 def test_url_policy_reaches_only_allowed_hosts(models, tmp_path):

@@ -215,33 +215,37 @@ def create_app(models: dict[str, Any], config: ServeConfig | None = None) -> Fas
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + server.config.request_timeout_s
-        seqs = [Row(ids, cfg, pixels, deadline=deadline, seed_offset=i,
-                         on_event=lambda seq, text, done: loop.call_soon_threadsafe(events.put_nowait, (seq, text, done)))
-                for i in range(req.n)]
+        def on_event(row: Row, text: str, done: bool) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, (row, text, done))
+
+        rows = [Row(ids, cfg, pixels, deadline=deadline, seed_offset=i, on_event=on_event) for i in range(req.n)]
         try:
-            for seq in seqs:
-                engine.submit(seq)
+            for row in rows:
+                engine.submit(row)
         except VlmlabError:
-            _cancel(seqs)
+            _cancel(rows)
             raise
         rid = protocol.new_id("chatcmpl")
         if req.stream:
-            return StreamingResponse(_stream(rid, req, model, images, seqs, events, server.config), media_type="text/event-stream",
+            return StreamingResponse(_stream(rid, req, model, images, rows, events, server.config),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        finished = 0
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            while finished < len(seqs):
-                try:
-                    _, _, done = await asyncio.wait_for(events.get(), timeout=1.0)
-                    finished += done
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
+            finished = 0
+            while finished < len(rows):
+                event = asyncio.ensure_future(events.get())
+                await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():  # the client went away: free its rows now, answer no one
+                    event.cancel()
+                    return Response(status_code=499)
+                finished += event.result()[2]
         finally:
-            _cancel(seqs)
-        for seq in seqs:
-            _raise_failure(seq, server.config)
-        results = [_locate(model, seq, images) for seq in seqs]
+            gone.cancel()
+            _cancel(rows)
+        for row in rows:
+            _raise_failure(row, server.config)
+        results = [_locate(model, row, images) for row in rows]
         return protocol.chat_completion(rid, req.model, results, len(ids))
 
     @app.post("/v1/embeddings")
@@ -296,21 +300,27 @@ def _prepare(model, req: protocol.ChatRequest, images: list, config: ServeConfig
     return ids, pixels, cfg
 
 
-def _cancel(seqs: list[Row]) -> None:
-    for seq in seqs:
-        seq.cancelled = True  # the engine frees the row (or skips it in the queue); no-op if finished
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-def _raise_failure(seq: Row, config: ServeConfig) -> None:
-    if seq.finish_reason == "timeout":
+def _cancel(rows: list[Row]) -> None:
+    for row in rows:
+        row.cancelled = True  # the engine frees the row (or skips it in the queue); no-op if finished
+
+
+def _raise_failure(row: Row, config: ServeConfig) -> None:
+    if row.finish_reason == "timeout":
         raise ApiError(408, f"the request took longer than the limit of {config.request_timeout_s:g} s "
                             "(request_timeout_s)", "timeout_error", code="timeout")
-    if seq.finish_reason == "error":
-        raise seq.error
+    if row.finish_reason == "error":
+        raise row.error
 
 
-def _locate(model, seq: Row, images: list):
-    result = seq.result()
+def _locate(model, row: Row, images: list):
+    result = row.result()
     return model.locate(result, images) if hasattr(model, "locate") else result
 
 
@@ -318,35 +328,35 @@ def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _stream(rid: str, req: protocol.ChatRequest, model, images: list, seqs: list[Row],
+async def _stream(rid: str, req: protocol.ChatRequest, model, images: list, rows: list[Row],
                   events: asyncio.Queue, config: ServeConfig):
     """Server-sent events in OpenAI's chunk format; the rows are cancelled if the client leaves."""
     created = int(time.time())
-    index = {id(seq): i for i, seq in enumerate(seqs)}
+    index = {id(row): i for i, row in enumerate(rows)}
     try:
-        for i in range(len(seqs)):
+        for i in range(len(rows)):
             yield _sse(protocol.chunk(rid, req.model, created, i, {"role": "assistant", "content": ""}))
         finished = 0
-        while finished < len(seqs):
-            seq, text, done = await events.get()
-            i = index[id(seq)]
+        while finished < len(rows):
+            row, text, done = await events.get()
+            i = index[id(row)]
             if text:
                 yield _sse(protocol.chunk(rid, req.model, created, i, {"content": text}))
             if not done:
                 continue
             finished += 1
             try:
-                _raise_failure(seq, config)
+                _raise_failure(row, config)
             except Exception as e:
                 error = api_error(e)
                 yield _sse(protocol.error_body(error.message, error.kind, error.param, error.code))
                 continue
-            delta = protocol.locations(_locate(model, seq, images))
-            yield _sse(protocol.chunk(rid, req.model, created, i, delta, seq.finish_reason))
+            delta = protocol.locations(_locate(model, row, images))
+            yield _sse(protocol.chunk(rid, req.model, created, i, delta, row.finish_reason))
         if req.include_usage:
-            total = sum(len(s.tokens) for s in seqs)
+            total = sum(len(s.tokens) for s in rows)
             yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                        "choices": [], "usage": protocol.usage(len(seqs[0].prompt), total)})
+                        "choices": [], "usage": protocol.usage(len(rows[0].prompt), total)})
         yield "data: [DONE]\n\n"
     finally:
-        _cancel(seqs)
+        _cancel(rows)
