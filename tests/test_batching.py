@@ -107,6 +107,10 @@ def test_choices_of_a_request_sample_like_rows_of_a_batch(vlm):
     ref = vlm.generate(["Hello"] * 3, stop_token_ids=[], **opts)
     assert [s.tokens for s in seqs] == [r.token_ids for r in ref]
     assert seqs[0].tokens != seqs[1].tokens
+    # The identical prompts were prefilled once and copied: each row equals that prompt alone.
+    for i, seq in enumerate(seqs):
+        alone = vlm.generate("Hello", stop_token_ids=[], **{**opts, "seed": opts["seed"] + i})
+        assert seq.tokens == alone.token_ids
 
 
 def test_engine_serves_concurrent_submissions(vlm, singles):

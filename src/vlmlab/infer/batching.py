@@ -180,6 +180,15 @@ class Batch:
         self.rows += seqs
 
     def _prefill(self, seqs: list[Row]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        # Rows with the same prompt and images (the n choices of one request) are computed once.
+        keys = [(tuple(s.prompt), id(s.pixel_values)) for s in seqs]
+        unique = {key: i for i, key in reversed(list(enumerate(keys)))}
+        if len(unique) < len(seqs):
+            order = list(unique)
+            cache, mask, logits = self._prefill([seqs[unique[key]] for key in order])
+            index = torch.tensor([order.index(key) for key in keys], device=self.device)
+            cache.select(index)
+            return cache, mask[index], logits[index]
         longest = max(len(s.prompt) for s in seqs)
         ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros((len(seqs), longest), dtype=torch.bool, device=self.device)
