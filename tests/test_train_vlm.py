@@ -313,11 +313,11 @@ def test_parts_folder_loads_the_language_model_by_name_and_merges_the_adapter(tm
         vlmlab.load(tmp_path / "parts")
 
 
-def _run_micro(out: Path, *, procs: int = 1, accum: int = 1) -> None:
+def _run_micro(out: Path, *, procs: int = 1, accum: int = 1, parallel: str = "ddp", lora: bool = False) -> None:
     sys.path.insert(0, str(Path(__file__).parent / "helpers"))
     from launch import run_helper
 
-    run_helper("tiny_vlm_train.py", out, 3, accum, procs=procs, port=29541)
+    run_helper("tiny_vlm_train.py", out, 3, accum, parallel, int(lora), procs=procs, port=29541)
 
 
 def _same_run(a: Path, b: Path) -> None:
@@ -339,6 +339,17 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     _run_micro(tmp_path / "one")
     _run_micro(tmp_path / "two", procs=2)
     _same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp_two_processes_equal_one_process(tmp_path, lora):
+    """FSDP shards parameters, gradients and AdamW state over the 2 ranks (with grad accumulation
+    too); the run, its checkpoints and the saved model equal one process's. With LoRA, the frozen
+    language model and its trainable adapters share FSDP units."""
+    _run_micro(tmp_path / "one", lora=lora)
+    _run_micro(tmp_path / "fsdp", procs=2, accum=2 if lora else 1, parallel="fsdp", lora=lora)
+    _same_run(tmp_path / "one", tmp_path / "fsdp")
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):

@@ -139,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.recipe is None or args.recipe_out is None:
         raise InputError("give a subcommand (`vlmlab train clip ...`) or `--recipe NAME|FILE --out DIR`")
-    train_recipe(args.recipe, args.recipe_out, resume=args.resume_recipe)
+    train_recipe(args.recipe, args.recipe_out, resume=args.resume_recipe, parallel=args.parallel)
     print(f"model written to {Path(args.recipe_out) / 'model'}")
     return 0
 
@@ -447,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--recipe", default=None, help="a VLM training recipe: built-in name (tiny-scenes, ...) or .toml file")
     tr.add_argument("--out", dest="recipe_out", default=None, help="run folder (stages, metrics, model/)")
     tr.add_argument("--resume", dest="resume_recipe", action="store_true", help="continue an interrupted run")
+    tr.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
+                    help="under torchrun: ddp (a replica per process) or fsdp (parameters, gradients and optimiser "
+                         "state sharded over the processes); overrides the recipe's stages")
     tr.set_defaults(func=_train)
     tr_sub = tr.add_subparsers(dest="train_command")
     tc = tr_sub.add_parser("clip", help="contrastive training of a dual encoder (CLIP, SigLIP, LiT)")

@@ -131,7 +131,7 @@ def train_clip(model: DualEncoder, recipe: ClipRecipe, cfg: TrainConfig, out: st
 
     net.requires_grad_(True)
     trainer = Trainer(net, step_fn, batch_fn(model, pair_at, cfg.batch_size), cfg, out,
-                      after_step=lambda m: clamp_logit_scale(net.logit_scale))
+                      after_step=lambda m: clamp_logit_scale(m.logit_scale))
     logged = trainer.fit(resume=resume, progress=progress)
     net.requires_grad_(False)
     if trainer.is_main:

@@ -10,8 +10,10 @@ optimiser state and learning rate it would have had.
 Features: AdamW with warmup + cosine decay, bfloat16 autocast, gradient accumulation, gradient
 clipping, a rich progress bar (loss, samples/s, ETA), `metrics.jsonl`, `loss.png`, an atomic
 single-file checkpoint (`checkpoint.safetensors`: trainable weights, optimiser state, and the
-run state as metadata; no pickles), and DDP under `torchrun` (gloo on CPU, nccl on GPU), each
-rank taking its own slice of every global batch.
+run state as metadata; no pickles), and, under `torchrun` (gloo on CPU, nccl on GPU), each rank
+taking its own slice of every global batch: DDP (every rank holds the whole model) or FSDP
+(`parallel = "fsdp"`: parameters, gradients and optimiser state sharded over the ranks, each
+transformer block gathered only while it runs; see `Trainer`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     param_groups: dict[str, float] = field(default_factory=dict)  # name prefix -> lr (0 = frozen)
+    parallel: str = "ddp"  # with several processes: ddp (replicas) | fsdp (sharded)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
@@ -61,6 +64,8 @@ class TrainConfig:
                 raise ConfigError(f"training option '{name}' must be a positive integer, got {value!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision {self.precision!r}: expected 'fp32' or 'bf16'")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel {self.parallel!r}: expected 'ddp' or 'fsdp'")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ConfigError("lr must be positive and warmup_steps non-negative")
         self.betas = tuple(self.betas)
@@ -99,8 +104,14 @@ class Trainer:
                  after_step: Callable[[nn.Module], None] | None = None, samples_per_batch: str = "samples",
                  find_unused_parameters: bool = False):
         """find_unused_parameters: some trainable parameters get no gradient in a step (a vision
-        tower's pooling head under a VLM that reads hidden states); DDP must not wait for them."""
-        self.model, self.step_fn, self.data, self.cfg = model, step_fn, data, cfg
+        tower's pooling head under a VLM that reads hidden states); DDP must not wait for them.
+
+        With FSDP the trainer shards a copy of `model`: every block of its layer stacks (each
+        `nn.ModuleList` entry) is one unit, gathered for its forward and backward and sharded
+        again after; the rest is the root unit. `model` itself is kept as it is and receives
+        the trained weights at each checkpoint and at the end, so callers (saving, merging LoRA)
+        see an ordinary module. `step_fn` and `after_step` get the sharded copy."""
+        self.step_fn, self.data, self.cfg = step_fn, data, cfg
         self.out = Path(out)
         self.after_step = after_step
         self.rank, self.world = distributed_setup()
@@ -110,6 +121,9 @@ class Trainer:
                               f"grad_accum ({cfg.grad_accum})")
         self.micro_batch = micro
         self.unit = samples_per_batch
+        self.plain = model  # the caller's module
+        self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
+        self.model = _fully_shard(model) if self.fsdp else model
         self.named = self._trainable()
         if not self.named:
             raise ConfigError("nothing to train: every parameter is frozen (learning rate 0)")
@@ -124,7 +138,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(list(by_key.values()), betas=cfg.betas, eps=cfg.eps)
         self.step = 0
         self.ddp = None
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
@@ -148,20 +162,23 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Trainable weights + AdamW moments in one safetensors file, written atomically, with
-        the run state in its metadata; only rank 0 writes."""
-        if not self.is_main:
-            return
+        the run state in its metadata; only rank 0 writes (under FSDP every rank first helps to
+        gather the full tensors, which also go into the caller's module)."""
         from safetensors.torch import save
 
         tensors: dict[str, torch.Tensor] = {}
         steps = {}
         for name, p in self._params():
-            tensors[f"model/{name}"] = p.detach().contiguous()
+            tensors[f"model/{name}"] = _full(p.detach()).contiguous()
             st = self.optimizer.state.get(p, {})
             if st:
-                tensors[f"adam/{name}/exp_avg"] = st["exp_avg"].contiguous()
-                tensors[f"adam/{name}/exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+                tensors[f"adam/{name}/exp_avg"] = _full(st["exp_avg"]).contiguous()
+                tensors[f"adam/{name}/exp_avg_sq"] = _full(st["exp_avg_sq"]).contiguous()
                 steps[name] = float(st["step"])
+        if self.fsdp:
+            self._write_back({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
+        if not self.is_main:
+            return
         meta = {"step": str(self.step), "adam_steps": json.dumps(steps),
                 "config": json.dumps(asdict(self.cfg)), "world": str(self.world)}
         atomic_write(self.out / CHECKPOINT, save(tensors, metadata=meta))
@@ -193,15 +210,24 @@ class Trainer:
                 saved = tensors[f"model/{name}"]
                 if saved.shape != p.shape:
                     raise CheckpointError(f"{path}: '{name}' has shape {tuple(saved.shape)}, expected {tuple(p.shape)}")
-                p.copy_(saved)
+                p.copy_(_like(saved, p))
                 if name in adam_steps:
                     self.optimizer.state[p] = {
                         "step": torch.tensor(adam_steps[name]),
-                        "exp_avg": tensors[f"adam/{name}/exp_avg"].to(p.dtype),
-                        "exp_avg_sq": tensors[f"adam/{name}/exp_avg_sq"].to(p.dtype),
+                        "exp_avg": _like(tensors[f"adam/{name}/exp_avg"], p),
+                        "exp_avg_sq": _like(tensors[f"adam/{name}/exp_avg_sq"], p),
                     }
+        if self.fsdp:
+            self._write_back({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
         self.step = step
         self._truncate_metrics(step)
+
+    def _write_back(self, full: dict[str, torch.Tensor]) -> None:
+        """Copy trained weights (full tensors, by name) into the caller's module."""
+        params = dict(self.plain.named_parameters())
+        with torch.no_grad():
+            for name, value in full.items():
+                params[name].copy_(value)
 
     def _params(self):
         """(name, parameter) of everything the optimiser updates."""
@@ -233,9 +259,8 @@ class Trainer:
         batches = [self.data(self.step, micro, self.rank, self.world, self.micro_batch) for micro in range(cfg.grad_accum)]
         scales = self._loss_scales(batches)
         for micro, batch in enumerate(batches):
-            sync = micro == cfg.grad_accum - 1 or self.ddp is None
-            ctx = model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
+            sync = micro == cfg.grad_accum - 1
+            with self._gradient_sync(sync):
                 with torch.autocast("cuda" if next(self.model.parameters()).is_cuda else "cpu",
                                     dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                     loss, metrics = self.step_fn(model, batch)
@@ -244,7 +269,8 @@ class Trainer:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
         if cfg.grad_clip:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_([p for p, _ in self.named.values()], cfg.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_([p for p, _ in self.named.values()], cfg.grad_clip)
+            totals["grad_norm"] = float(_full(norm))
         self.optimizer.step()
         if self.after_step is not None:
             self.after_step(self.model)
@@ -256,6 +282,21 @@ class Trainer:
             dist.all_reduce(t)
             totals["loss"] = float(t) / self.world
         return {"lr": lr, **totals}
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool):
+        """Accumulate gradients locally (no reduction across ranks) unless `sync`."""
+        if sync or self.world == 1:
+            yield
+        elif self.ddp is not None:
+            with self.ddp.no_sync():
+                yield
+        else:
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
 
     def _loss_scales(self, batches: list) -> list[float]:
         """Per-micro-batch loss multipliers. A batch that is a dict with "num_items" (e.g. labelled
@@ -306,7 +347,40 @@ class Trainer:
                     if self.is_main:
                         plot_metrics(self.out / METRICS, self.out / LOSS_PLOT)
         self.model.eval()
+        self.plain.eval()
         return logged
+
+
+def _fully_shard(model: nn.Module) -> nn.Module:
+    """A copy of `model` sharded by FSDP (torch's `fully_shard`) over all ranks: one unit per
+    block of every layer stack, and the root. requires_grad flags carry over (frozen stays frozen)."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = copy.deepcopy(model)
+    for module in list(sharded.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                if any(True for _ in block.parameters()):
+                    fully_shard(block)
+    fully_shard(sharded)
+    return sharded
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) one; other tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as parameter `p` is: sharded the same way if `p` is a DTensor."""
+    full = full.to(p.dtype)
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, p.device_mesh, p.placements)
+    return full
 
 
 class _Progress:

@@ -285,8 +285,9 @@ def _stage_config(stage: dict[str, Any]) -> TrainConfig:
 
 
 def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume: bool = False,
-                 progress: bool = True) -> VisionLanguageModel:
-    """Run every stage of `recipe` into `out`; returns the trained model (saved to out/model)."""
+                 progress: bool = True, parallel: str | None = None) -> VisionLanguageModel:
+    """Run every stage of `recipe` into `out`; returns the trained model (saved to out/model).
+    `parallel` ("ddp" or "fsdp", under torchrun) overrides what the stages say."""
     from vlmlab.nn.checkpointing import set_gradient_checkpointing
 
     if not isinstance(recipe, dict):
@@ -298,7 +299,7 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
     lora_used = None
     for i, stage in enumerate(recipe["stages"]):
         name = stage.get("name", f"stage{i}")
-        cfg = _stage_config(stage)
+        cfg = _stage_config({**stage, **({"parallel": parallel} if parallel else {})})
         if "lora" in stage:
             lora_used, adapted = _add_lora(net, stage["lora"])
             lr = stage["lora"].get("lr", cfg.lr)
