@@ -119,6 +119,8 @@ def train_clip(model: DualEncoder, recipe: ClipRecipe, cfg: TrainConfig, out: st
     else:
         pair_at = PairsFolder(recipe.data, cfg.seed)
     loss_fn = ContrastiveLoss(recipe.loss)
+    if cfg.parallel != "ddp":  # the loss reads logit_scale outside the forward, where FSDP keeps it sharded
+        raise ConfigError("contrastive training runs with parallel='ddp' only (FSDP is for the VLM recipes)")
     if recipe.loss == "sigmoid" and getattr(net, "logit_bias", None) is None:
         raise ConfigError("the sigmoid (SigLIP) loss needs a model with a logit_bias (a SigLIP model)")
 
