@@ -338,3 +338,39 @@ def test_chat_prompt_equals_transformers_processor_with_a_parts_template(tiny, t
     # text-only prompts keep their text with such a template
     ids, _ = vlm._prepare(["Hello there"], system=None, chat=True, images=None)
     assert vlm.tokenizer.decode(ids[0]) == "<|im_start|>User: Hello there<end_of_utterance>\nAssistant:"
+
+
+def test_a_recipe_trains_idefics3(tiny, tmp_path):
+    """Training is family-agnostic: labels cover only the answer (the masked prefix is exactly
+    the prompt `ask` builds: tiles, tags and placeholders), and a recipe stage on a SmolVLM
+    folder trains the connector alone; the result loads in transformers with the same logits."""
+    import shutil
+
+    from vlmlab.train.vlm import IGNORE_INDEX, chat_tokens, train_recipe
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny[0], folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": SMOLVLM_TEMPLATE}))
+    vlm = vlmlab.load(folder)
+    messages = [{"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "noise"}]
+    _, image_ids = vlm.image_inputs([WIDE])
+    ids, labels = chat_tokens(vlm.tokenizer, messages, image_ids=image_ids)
+    first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+    assert ids[:first] == vlm.prepare(messages[:1], [WIDE])[0]
+    assert vlm.tokenizer.decode(labels[first:]) == " noise<end_of_utterance>\n"
+
+    recipe = {"name": "micro-smolvlm", "model": {"from": str(folder)}, "stages": [{
+        "name": "connector", "steps": 3, "batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "save_every": 3,
+        "log_every": 1, "param_groups": {"": 0.0, "connector": 1e-2},
+        "data": {"source": "scenes", "tasks": "color", "scene": {"width": 48, "height": 40, "max_objects": 2}}}]}
+    trained = train_recipe(recipe, tmp_path / "run", progress=False)
+    before, after = vlm.net.state_dict(), trained.net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("connector.") for k in changed), changed
+    hf = transformers.Idefics3ForConditionalGeneration.from_pretrained(tmp_path / "run" / "model").eval()
+    processor = transformers.Idefics3Processor.from_pretrained(tmp_path / "run" / "model")
+    inputs = processor(text=["<image>what?"], images=[[WIDE]], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(trained.net(inputs["input_ids"], inputs["pixel_values"]), hf(**inputs).logits,
+                                   atol=1e-4, rtol=0)

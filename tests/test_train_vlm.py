@@ -15,7 +15,7 @@ import torch
 from vlmlab.data.scenes.scene import SceneConfig
 from vlmlab.data.scenes.tasks import generate_sample
 from vlmlab.errors import ConfigError, DataError, InputError
-from vlmlab.infer.vlm import expand_images
+from vlmlab.infer.vlm import splice_images
 from vlmlab.nn.checkpointing import set_gradient_checkpointing
 from vlmlab.train import vlm as train_vlm
 from vlmlab.train.trainer import METRICS, TrainConfig, Trainer, read_metrics
@@ -48,14 +48,14 @@ def test_labels_cover_exactly_the_assistant_turns(micro):
     tok = micro.tokenizer
     messages = [{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": "red"},
                 {"role": "user", "content": "And the shape?"}, {"role": "assistant", "content": "a circle"}]
-    ids, labels = chat_tokens(tok, messages, image_token_id=micro.image_token_id, per_image=16)
+    ids, labels = chat_tokens(tok, messages, image_ids=[[micro.image_token_id] * 16])
     assert len(ids) == len(labels)
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "red<|im_end|>\na circle<|im_end|>\n"
     assert ids.count(micro.image_token_id) == 16  # a 4x4 patch grid, [class] dropped
     # The tokens before the first label are exactly what `ask` feeds the model for that turn.
     first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
     prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True)
-    assert ids[:first] == expand_images(tok, prompt, 1, 16, micro.image_token_id)
+    assert ids[:first] == splice_images(tok, prompt, [[micro.image_token_id] * 16])
     image = generate_sample("color", 0, "train", SceneConfig(**SCENE)).images[0]
     ask_ids, _ = micro._prepare([messages[:1]], system=None, chat=True, images=[[image]])
     assert ask_ids[0] == ids[:first][: len(ask_ids[0])] and len(ask_ids[0]) == first
@@ -63,7 +63,7 @@ def test_labels_cover_exactly_the_assistant_turns(micro):
 
 def test_a_conversation_without_an_answer_is_refused(micro):
     with pytest.raises(DataError, match="assistant"):
-        chat_tokens(micro.tokenizer, [{"role": "user", "content": "hi"}], image_token_id=1, per_image=1)
+        chat_tokens(micro.tokenizer, [{"role": "user", "content": "hi"}])
 
 
 def test_over_long_samples_are_named(micro):

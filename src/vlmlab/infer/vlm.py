@@ -87,11 +87,6 @@ def with_image_markers(prompt: str | list[dict], n_images: int) -> str | list[di
     return prompt
 
 
-def expand_images(tokenizer, text: str, n_images: int, per_image: int, image_token_id: int) -> list[int]:
-    """Token ids of rendered prompt text, each "<image>" marker -> `per_image` placeholders."""
-    return splice_images(tokenizer, text, [[image_token_id] * per_image] * n_images)
-
-
 class VisionLanguageModel(LanguageModel):
     kind = "vision-language-model"
 

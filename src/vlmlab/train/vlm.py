@@ -1,5 +1,6 @@
-"""Training generative VLMs (the LLaVA family): chats become token ids whose labels cover only
-the assistant's tokens, and stages (projector alignment, instruction tuning, LoRA) are recipes.
+"""Training generative VLMs (LLaVA, Idefics3 / SmolVLM): chats become token ids whose labels
+cover only the assistant's tokens, and stages (projector alignment, instruction tuning, LoRA)
+are recipes.
 
 A recipe is a TOML file (`recipes/NAME.toml` in the package, or any path) with a `[model]`
 table saying how to build the starting model and a list of `[[stages]]`; each stage names its
@@ -15,7 +16,7 @@ Model sources in `[model]`:
                     `tokenizer` = a language model whose tokenizer to use, `image_token`)
   assemble = {...}  parts: `vision` = a dual encoder (its ViT), `language_model` = a decoder
                     (built-in name, GGUF or HF folder), a new `projector`, `image_token`
-  from = "DIR"      a saved LLaVA folder
+  from = "DIR"      a saved VLM folder (LLaVA or Idefics3 / SmolVLM)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import nn
 
 from vlmlab.data.scenes.sample import Sample
 from vlmlab.errors import ConfigError, DataError, InputError
-from vlmlab.infer.vlm import IMAGE_MARKER, VisionLanguageModel, expand_images, render_chat
+from vlmlab.infer.vlm import IMAGE_MARKER, VisionLanguageModel, render_chat, splice_images
 from vlmlab.nn.lora import lora_param_groups
 from vlmlab.train.trainer import TrainConfig, Trainer
 
@@ -49,13 +50,14 @@ def sample_messages(sample: Sample) -> list[dict[str, str]]:
     return [{"role": t.role, "content": t.text} for t in sample.turns]
 
 
-def chat_tokens(tokenizer, messages: list[dict], *, image_token_id: int, per_image: int,
+def chat_tokens(tokenizer, messages: list[dict], *, image_ids: list[list[int]] = (),
                 system: str | None = None) -> tuple[list[int], list[int]]:
     """(ids, labels) of a conversation rendered with the tokenizer's chat template: every
     assistant turn's own tokens (its content and end-of-turn) are labelled, everything else
     (system, user turns, the assistant header, image placeholders) is IGNORE_INDEX. Each turn's
     prompt is the template rendered up to it with the generation prompt, exactly what `ask`
-    feeds the model at inference."""
+    feeds the model at inference. `image_ids`: what each image's "<image>" marker becomes, in
+    order (`VisionLanguageModel.image_inputs`: LLaVA's placeholders, Idefics3's tiles)."""
     if system is not None:
         messages = [{"role": "system", "content": system}, *messages]
     if not any(m.get("role") == "assistant" for m in messages):
@@ -63,6 +65,7 @@ def chat_tokens(tokenizer, messages: list[dict], *, image_token_id: int, per_ima
     ids: list[int] = []
     labels: list[int] = []
     done = ""
+    images = list(image_ids)
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
@@ -72,11 +75,15 @@ def chat_tokens(tokenizer, messages: list[dict], *, image_token_id: int, per_ima
             raise ConfigError("the chat template does not render a conversation as a growing prefix; "
                               "assistant-only labels cannot be placed")
         part = prompt[len(done):]
-        prompt_ids = expand_images(tokenizer, part, part.count(IMAGE_MARKER), per_image, image_token_id)
+        n = part.count(IMAGE_MARKER)
+        prompt_ids, images = splice_images(tokenizer, part, images[:n]), images[n:]
         answer_ids = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
         ids += prompt_ids + answer_ids
         labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
         done = full
+    if images:
+        raise DataError(f"the conversation has {len(image_ids) - len(images)} {IMAGE_MARKER} marker(s) before its "
+                        f"last answer but {len(image_ids)} image(s)")
     return ids, labels
 
 
@@ -89,13 +96,12 @@ class ChatBatcher:
         self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        images = [im for s in samples for im in s.images]
-        pixels = self.model.processor(images) if images else None
-        per_image = self.model.features_per_image(pixels) if pixels is not None else 0
-        rows = []
+        rows, pixels = [], []
         for s in samples:
-            ids, labels = chat_tokens(self.model.tokenizer, sample_messages(s), image_token_id=self.model.image_token_id,
-                                      per_image=per_image, system=self.system)
+            px, image_ids = self.model.image_inputs(list(s.images)) if s.images else (None, [])
+            if px is not None:
+                pixels.append(px)
+            ids, labels = chat_tokens(self.model.tokenizer, sample_messages(s), image_ids=image_ids, system=self.system)
             if len(ids) > self.max_length:
                 raise DataError(f"sample {s.id}: {len(ids)} tokens with its images, more than max_length "
                                 f"{self.max_length}")
@@ -110,8 +116,8 @@ class ChatBatcher:
             mask[r, : len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
                  "num_items": int((labels[:, 1:] != IGNORE_INDEX).sum())}  # the Trainer weighs losses by it
-        if pixels is not None:
-            batch["pixel_values"] = pixels
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
         return batch
 
 
