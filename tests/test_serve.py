@@ -331,6 +331,7 @@ def test_disconnected_stream_frees_its_row(url):
     while 'vlmlab_running{model="tiny"} 0' not in get(url, "/metrics"):
         assert time.monotonic() < deadline, "the row of a disconnected client was not freed"
         time.sleep(0.05)
+    assert 'vlmlab_requests_total{route="/v1/chat/completions",status="499"} 1' in get(url, "/metrics")
 
 
 def test_disconnected_client_frees_its_row_at_once(models):

@@ -108,7 +108,8 @@ async def read_json(request: Request, limit: int) -> Any:
 
 class Guard:
     """ASGI middleware: refuses a declared body over the limit before reading it (413), and
-    records every request's route, status and latency (to the last byte) in the metrics."""
+    records every request's route, status and latency (to the last byte) in the metrics; a
+    response whose client left before its last byte (an abandoned stream) counts as 499."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
@@ -118,14 +119,15 @@ class Guard:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         route = scope["path"] if scope["path"] in ROUTES else "other"
-        status = 500
+        status, finished = 500, False
 
         async def tracked(message):
-            nonlocal status
+            nonlocal status, finished
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
+                finished = True
                 self.server.metrics.observe(route, status, time.perf_counter() - start)
 
         limit = self.server.config.max_body_bytes
@@ -135,7 +137,11 @@ class Guard:
             error = ApiError(413, f"request body is {int(declared):,} bytes, more than the limit of {limit:,} "
                                   "bytes (max_body_bytes)")
             return await error.response()(scope, receive, tracked)
-        await self.app(scope, receive, tracked)
+        try:
+            await self.app(scope, receive, tracked)
+        finally:
+            if not finished:  # the client went away first (or the app failed before answering)
+                self.server.metrics.observe(route, 499 if status < 500 else status, time.perf_counter() - start)
 
 
 async def _drain(receive, declared: int, cap: int = 256 * 1024 * 1024) -> None:
