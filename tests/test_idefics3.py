@@ -19,10 +19,10 @@ from PIL import Image
 transformers = pytest.importorskip("transformers")
 
 import vlmlab  # noqa: E402
-from vlmlab.checkpoints.hf import read_config, read_safetensors, write_json, write_safetensors  # noqa: E402
+from vlmlab.checkpoints.hf import read_config, read_safetensors, write_json  # noqa: E402
 from vlmlab.connectors.pixel_shuffle import pixel_shuffle  # noqa: E402
 from vlmlab.errors import CheckpointError, ConfigError, InputError  # noqa: E402
-from vlmlab.models.idefics3 import Idefics3Config, Idefics3Net, Idefics3Processor, image_prompt  # noqa: E402
+from vlmlab.models.idefics3 import Idefics3Config, Idefics3Net, image_prompt  # noqa: E402
 from vlmlab.vision.tiling import TiledImageProcessor  # noqa: E402
 from vlmlab.vision.vit import position_buckets  # noqa: E402
 

@@ -9,7 +9,6 @@ import base64
 import importlib.util
 import io
 import json
-import struct
 import sys
 import threading
 import time

@@ -247,7 +247,6 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _train_clip(args: argparse.Namespace) -> int:
-    import vlmlab
     from vlmlab.api import dual_encoder
     from vlmlab.models import lit
     from vlmlab.train.clip import ClipRecipe, train_clip

@@ -88,7 +88,8 @@ class Server:
                                 f"(served: {', '.join(want) or 'none'})", param="model")
         return model
 
-    def images(self, urls: list[str], what: str = "image") -> list:
+    def images(self, urls: list[str]) -> list:
+        """Decoded images of a request's image URLs, within the media policy (blocking: a worker thread)."""
         return [load_image_url(url, self.config.media) for url in urls]
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmlab.data.scenes.sample import Sample
-from vlmlab.errors import ConfigError, DataError, InputError
+from vlmlab.errors import ConfigError, DataError
 from vlmlab.infer.vlm import IMAGE_MARKER, VisionLanguageModel, render_chat, splice_images
 from vlmlab.nn.lora import lora_param_groups
 from vlmlab.train.trainer import TrainConfig, Trainer
