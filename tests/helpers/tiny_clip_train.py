@@ -13,7 +13,7 @@ import torch
 from vlmlab.models.clip import CLIPConfig, CLIPNet
 from vlmlab.text.text_encoder import TextEncoderConfig
 from vlmlab.train.losses import ContrastiveLoss, clamp_logit_scale
-from vlmlab.train.trainer import TrainConfig, Trainer
+from vlmlab.train.trainer import TrainConfig, Trainer, distributed_teardown
 from vlmlab.vision.vit import ViTConfig
 
 EOS = 31
@@ -81,3 +81,4 @@ if __name__ == "__main__":
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, f"{out}/final.safetensors")
+    distributed_teardown()

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from vlmlab.train.trainer import distributed_teardown
 from vlmlab.train.vlm import train_recipe
 
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
@@ -42,3 +43,4 @@ if __name__ == "__main__":
     lora = len(sys.argv) > 5 and sys.argv[5] == "1"
     torch.set_num_threads(1)
     model = train_recipe(recipe(steps, accum, parallel, lora), out, progress=False)
+    distributed_teardown()

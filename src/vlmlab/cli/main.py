@@ -139,7 +139,10 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.recipe is None or args.recipe_out is None:
         raise InputError("give a subcommand (`vlmlab train clip ...`) or `--recipe NAME|FILE --out DIR`")
+    from vlmlab.train.trainer import distributed_teardown
+
     train_recipe(args.recipe, args.recipe_out, resume=args.resume_recipe, parallel=args.parallel)
+    distributed_teardown()
     print(f"model written to {Path(args.recipe_out) / 'model'}")
     return 0
 
@@ -250,7 +253,7 @@ def _train_clip(args: argparse.Namespace) -> int:
     from vlmlab.api import dual_encoder
     from vlmlab.models import lit
     from vlmlab.train.clip import ClipRecipe, train_clip
-    from vlmlab.train.trainer import TrainConfig
+    from vlmlab.train.trainer import TrainConfig, distributed_teardown
 
     if args.init and args.arch:
         raise InputError("give --init (continue a model) or --arch (a new LiT model), not both")
@@ -264,6 +267,7 @@ def _train_clip(args: argparse.Namespace) -> int:
     recipe = ClipRecipe(data=args.data, loss=args.loss, lock_image=args.lock_image, lock_text=args.lock_text,
                         scene_size=args.scene_size, multi_positive=args.multi_positive)
     logged = train_clip(model, recipe, cfg, args.out, resume=args.resume)
+    distributed_teardown()
     if logged:
         print(f"step {logged[-1]['step']}: loss {logged[-1]['loss']:.4f}; model written to {Path(args.out) / 'model'}")
     return 0

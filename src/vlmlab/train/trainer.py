@@ -93,6 +93,16 @@ def distributed_setup() -> tuple[int, int]:
     return 0, 1
 
 
+def distributed_teardown() -> None:
+    """Leave the process group together (a barrier, then destroy): a rank that exits with the group
+    still alive can abort in gloo's thread teardown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ---- the trainer ------------------------------------------------------------------------------
 
 StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
