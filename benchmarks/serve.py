@@ -68,6 +68,9 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # machine helpers shared with the other benchmarks
+from lm_decode import system_cpu_s, wait_for_quiet  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = ROOT / "examples" / "scene.png"
 MODEL = "scenes-smol"
@@ -406,14 +409,9 @@ def _own_cpu_s() -> float:
 
 
 def _machine_busy_s() -> float | None:
-    """Busy CPU seconds of the whole machine (including steal) so far, from /proc/stat."""
-    try:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = f
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    """Busy CPU seconds of the whole machine (including steal) so far."""
+    cpu = system_cpu_s()
+    return None if cpu is None else sum(cpu)
 
 
 class ServerProcess:
@@ -515,23 +513,6 @@ class ServerProcess:
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
-
-
-def wait_for_quiet(threshold: float, max_wait: float) -> float:
-    """Wait up to max_wait s until other processes use < threshold cores over 2 s (our servers
-    are idle then); return the last reading."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        a, t = _machine_busy_s(), time.monotonic()
-        time.sleep(2.0)
-        b, u = _machine_busy_s(), time.monotonic()
-        if a is None or b is None:
-            return 0.0
-        busy = (b - a) / (u - t)
-        if busy < threshold or u >= deadline:
-            return busy
-        print(f"  waiting for a quiet machine: other processes use {busy:.2f} cores", file=sys.stderr)
-        time.sleep(3.0)
 
 
 def measure_level(server: ServerProcess, bodies: list[bytes], clients: int, requests: int) -> dict:
