@@ -207,10 +207,12 @@ class Batch:
         return cache, mask, logits[:, -1].float()
 
     @torch.inference_mode()
-    def step(self) -> None:
-        """One token for every row, then one decode forward for the rows still running."""
+    def step(self) -> int:
+        """One token for every row, then one decode forward for the rows still running; returns
+        how many tokens the rows took (stop tokens are not counted)."""
         now = time.monotonic()
         greedy = self.logits.argmax(dim=-1).tolist()
+        before = sum(len(seq.tokens) for seq in self.rows)
         for i, seq in enumerate(self.rows):
             if seq.cancelled:
                 seq.finish("cancelled")
@@ -220,10 +222,11 @@ class Batch:
                 seq.accept(greedy[i])
             else:
                 seq.accept(int(sample(self.logits[i:i + 1], seq.cfg, seq.seen, [seq.generator])))
+        taken = sum(len(seq.tokens) for seq in self.rows) - before
         keep = [i for i, seq in enumerate(self.rows) if seq.finish_reason is None]
         if not keep:
             self.rows, self.cache, self.mask, self.logits = [], None, None, None
-            return
+            return taken
         if len(keep) < len(self.rows):
             rows = torch.tensor(keep, device=self.device)
             mask = self.mask.index_select(0, rows)
@@ -237,6 +240,7 @@ class Batch:
         ids = torch.tensor([[seq.tokens[-1]] for seq in self.rows], device=self.device)
         mask = None if self.mask.all() else self.mask
         self.logits = self.net(ids, attention_mask=mask, cache=self.cache)[:, -1].float()
+        return taken
 
     def fail_all(self, error: VlmlabError) -> None:
         for seq in self.rows:
@@ -342,10 +346,7 @@ class Engine:
                 if joining:
                     self.batch.add(joining)
                 if len(self.batch):
-                    before = sum(len(s.tokens) for s in self.batch.rows)
-                    rows = list(self.batch.rows)
-                    self.batch.step()
-                    produced = sum(len(s.tokens) for s in rows) - before
+                    produced = self.batch.step()
                     self.generated_tokens += produced
                     self.recent.append((time.monotonic(), produced))
             except Exception as e:  # a bug must not take the server down: fail the rows, keep serving

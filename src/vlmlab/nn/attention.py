@@ -85,11 +85,10 @@ class KVCache:
         (padding that every kept row has) to keep attention short."""
         for buffers in (self.keys, self.values):
             for layer, buf in enumerate(buffers):
-                kept = buf.index_select(0, rows)
-                if drop_front:
-                    kept[:, :, :self.length - drop_front] = kept[:, :, drop_front:self.length].clone()
-                buffers[layer] = kept
+                kept = buf.index_select(0, rows)  # the one copy; dropping the front is a view of it
+                buffers[layer] = kept[:, :, drop_front:] if drop_front else kept
         self.length -= drop_front
+        self.capacity -= drop_front
 
     def reserve(self, capacity: int) -> None:
         """Grow every layer's buffers to hold at least `capacity` positions."""

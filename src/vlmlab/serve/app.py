@@ -217,8 +217,7 @@ def create_app(models: dict[str, Any], config: ServeConfig | None = None) -> Fas
         req = protocol.parse_chat(await read_json(request, server.config.max_body_bytes), server.config)
         model = server.model(req.model, "generative")
         engine = server.engines[req.model]
-        images = await run_in_threadpool(server.images, req.images)
-        ids, pixels, cfg = await run_in_threadpool(_prepare, model, req, images, server.config)
+        images, ids, pixels, cfg = await run_in_threadpool(_prepare, model, req, server)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + server.config.request_timeout_s
@@ -289,8 +288,11 @@ def create_app(models: dict[str, Any], config: ServeConfig | None = None) -> Fas
     return app
 
 
-def _prepare(model, req: protocol.ChatRequest, images: list, config: ServeConfig):
-    """Prompt ids, pixel values and generation config of a chat request, within the limits."""
+def _prepare(model, req: protocol.ChatRequest, server: Server):
+    """The decoded images, prompt ids, pixel values and generation config of a chat request,
+    within the limits (blocking: a worker thread)."""
+    config = server.config
+    images = server.images(req.images)
     ids, pixels = model.prepare(req.messages, images)
     context = model.net.context_length
     limit = min(config.max_prompt_tokens or context - 1, context - 1)
@@ -304,7 +306,7 @@ def _prepare(model, req: protocol.ChatRequest, images: list, config: ServeConfig
     max_new = req.max_tokens or min(config.default_max_tokens, context - len(ids))
     cfg = model.generation_config(stop=req.stop, max_new_tokens=max_new, temperature=req.temperature,
                                   top_p=req.top_p, seed=req.seed)
-    return ids, pixels, cfg
+    return images, ids, pixels, cfg
 
 
 async def _disconnected(request: Request) -> None:
@@ -339,14 +341,13 @@ async def _stream(rid: str, req: protocol.ChatRequest, model, images: list, rows
                   events: asyncio.Queue, config: ServeConfig):
     """Server-sent events in OpenAI's chunk format; the rows are cancelled if the client leaves."""
     created = int(time.time())
-    index = {id(row): i for i, row in enumerate(rows)}
     try:
         for i in range(len(rows)):
             yield _sse(protocol.chunk(rid, req.model, created, i, {"role": "assistant", "content": ""}))
         finished = 0
         while finished < len(rows):
             row, text, done = await events.get()
-            i = index[id(row)]
+            i = row.seed_offset  # choice i of the request
             if text:
                 yield _sse(protocol.chunk(rid, req.model, created, i, {"content": text}))
             if not done:
