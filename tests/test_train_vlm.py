@@ -321,15 +321,11 @@ def _run_micro(out: Path, *, procs: int = 1, accum: int = 1, parallel: str = "dd
 
 
 def _same_run(a: Path, b: Path) -> None:
-    from safetensors.torch import load_file
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from launch import assert_same_training
 
-    ra, rb = read_metrics(a / "0-s" / METRICS), read_metrics(b / "0-s" / METRICS)
-    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 3]
-    for x, y in zip(ra, rb):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
-    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=0)  # Adam amplifies float noise in tiny grads
+    assert_same_training(a / "0-s" / METRICS, b / "0-s" / METRICS, a / "model" / "model.safetensors",
+                         b / "model" / "model.safetensors")
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
