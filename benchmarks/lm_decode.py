@@ -553,15 +553,19 @@ def vlmlab_provenance(src: str | None) -> dict:
     return info
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    cpu = cpu_model()
     import torch
 
     info = {

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # machine helpers shared with the other benchmarks
-from lm_decode import system_cpu_s, wait_for_quiet  # noqa: E402
+from lm_decode import cpu_model, system_cpu_s, wait_for_quiet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = ROOT / "examples" / "scene.png"
@@ -533,14 +533,8 @@ def measure_level(server: ServerProcess, bodies: list[bytes], clients: int, requ
 
 
 def machine_info() -> dict:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine without importing torch (this process only generates load)."""
+    cpu = cpu_model()
     versions = {}
     for pkg in ("torch", "fastapi", "uvicorn"):
         try:
