@@ -419,7 +419,7 @@ class ServerProcess:
     GET /health answers, and stops it (SIGINT, then SIGKILL) at the end. Its output goes to
     `log_path` (or a temporary file)."""
 
-    def __init__(self, *, max_batch: int, max_queue: int = 64, dtype: str = "bfloat16", model: str = MODEL,
+    def __init__(self, *, max_batch: int, max_queue: int = 64, dtype: str = "auto", model: str = MODEL,
                  port: int | None = None, extra_args: tuple[str, ...] = (), log_path: str | Path | None = None,
                  env: dict | None = None, vlmlab_src: str | Path | None = None, start_timeout: float = 300):
         self.port = port or free_port()
@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workload", choices=["caption", "vqa", "both"], default="both")
     ap.add_argument("--requests", type=int, help="requests per level: max(REQUESTS, 2 x clients) (default 8; --quick: 2)")
     ap.add_argument("--max-batch", type=int, help="--max-batch of the batching-on server (default 8; --quick: 2)")
-    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     ap.add_argument("--model", default=MODEL, help=f"model the servers load (default {MODEL})")
     ap.add_argument("--quick", action="store_true", help="a tiny run (levels 1 2, few short answers): checks the script works")
     ap.add_argument("--out-md", type=Path, metavar="PATH", help="update the Serving section of this markdown file "

@@ -137,6 +137,24 @@ def test_engine_serves_concurrent_submissions(vlm, singles):
         engine.stop()
 
 
+def test_a_row_finished_in_this_step_frees_its_place_and_a_prefilling_row_holds_one(vlm):
+    """A row finishes (its client has the answer) during a step but leaves the batch only after
+    that step's forward: the client's next request must not be refused meanwhile. Rows being
+    prefilled hold their places though they are in neither the queue nor the batch."""
+    engine = Engine(vlm, max_batch=2, max_queue=0)  # not started: the test plays the engine's part
+    a, b = (sequence(vlm, p, [], dict(max_new_tokens=5)) for p in ("a", "b"))
+    engine.batch.add([a, b])
+    assert engine.running == 2
+    with pytest.raises(BusyError, match="2 requests are running and 0 waiting"):
+        engine.submit(sequence(vlm, "c", [], dict(max_new_tokens=5)))
+    a.finish("length")  # as Batch.step does, before it drops the row
+    assert len(engine.batch) == 2 and engine.running == 1
+    engine.submit(sequence(vlm, "c", [], dict(max_new_tokens=5)))  # a place is free: queued, not refused
+    engine.joining = [engine.waiting.popleft()]  # admitted, prefill under way
+    with pytest.raises(BusyError, match="2 requests are running and 0 waiting"):
+        engine.submit(sequence(vlm, "d", [], dict(max_new_tokens=5)))
+
+
 def test_full_queue_refuses_and_cancelled_rows_free_their_slot(vlm):
     engine = Engine(vlm, max_batch=1, max_queue=1)  # not started: nothing leaves the queue
     engine.submit(sequence(vlm, "a", [], dict(max_new_tokens=5)))  # for the free row

@@ -411,7 +411,7 @@ def test_vlmlab_serve_alone_serves_the_defaults_and_answers_as_vlmlab_ask():
     from server import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vlmlab", "serve", "--port", str(port), "--dtype", "bfloat16"],
+    proc = subprocess.Popen([sys.executable, "-m", "vlmlab", "serve", "--port", str(port), "--dtype", "auto"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -430,7 +430,7 @@ def test_vlmlab_serve_alone_serves_the_defaults_and_answers_as_vlmlab_ask():
         r = client.chat.completions.create(model="scenes-smol", messages=user(image_part(SCENE.read_bytes()), q),
                                            max_tokens=12, temperature=0.7, seed=9)
         cli = subprocess.run([sys.executable, "-m", "vlmlab", "ask", "--image", str(SCENE), q, "--json", "--dtype",
-                              "bfloat16", "--max-new-tokens", "12", "--temperature", "0.7", "--seed", "9"],
+                              "auto", "--max-new-tokens", "12", "--temperature", "0.7", "--seed", "9"],
                              capture_output=True, text=True, check=True)
         assert r.choices[0].message.content == json.loads(cli.stdout)["text"]
         assert len(client.embeddings.create(model="scenes-clip", input="a red circle").data[0].embedding) > 0

@@ -41,7 +41,7 @@ LABELS = ["a green circle", "a red square", "a blue triangle"]
 
 @pytest.fixture(scope="module")
 def base_url():
-    models = {"scenes-smol": vlmlab.load("scenes-smol", dtype="bfloat16"), "scenes-clip": vlmlab.load("scenes-clip")}
+    models = {"scenes-smol": vlmlab.load("scenes-smol", dtype="auto"), "scenes-clip": vlmlab.load("scenes-clip")}
     with live_server(create_app(models, ServeConfig())) as url:
         yield url
 

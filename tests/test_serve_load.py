@@ -78,7 +78,7 @@ def test_serve_under_load_refuses_cleanly_frees_rows_and_keeps_memory(tmp_path):
     # The leaving clients ask for a long answer: a row nobody frees would run for 64 tokens.
     abort_body = bench.chat_body(bench.CAPTION, 64, image=image, stream=True)
 
-    with bench.ServerProcess(max_batch=MAX_BATCH, max_queue=MAX_QUEUE, dtype="bfloat16",
+    with bench.ServerProcess(max_batch=MAX_BATCH, max_queue=MAX_QUEUE, dtype="auto",
                              log_path=tmp_path / "server.log") as server:
         # warm-up: one full batch of both kinds of request, so that later growth is not first-use allocation
         warm = bench.summarise(bench.run_load(server.url, bodies, MAX_BATCH, requests=2 * MAX_BATCH))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vlmlab.errors import CheckpointError, ConfigError
+from vlmlab.hardware import fast_bfloat16
 from vlmlab.train.losses import ContrastiveLoss, clamp_logit_scale
 from vlmlab.train.trainer import CHECKPOINT, METRICS, TrainConfig, read_metrics
 
@@ -95,6 +96,27 @@ def test_kill_and_resume_continues_exactly(tmp_path):
         assert torch.equal(v, w), k
 
 
+def test_bf16_autocast_trains_float32_weights(tmp_path):
+    """precision bf16: the forward runs in bfloat16 (autocast), the weights and optimizer stay
+    float32, and the run differs from the fp32 one only by rounding (tiny model: fast on any CPU)."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        trainer = make_trainer(tmp_path / precision, steps=3)
+        trainer.cfg.precision = precision
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.fit(progress=False)
+        after = trainer.model.state_dict()
+        assert all(v.dtype == torch.float32 for v in after.values())
+        assert not torch.equal(before["visual_projection.weight"], after["visual_projection.weight"])
+        runs[precision] = (read_metrics(tmp_path / precision / METRICS), after)
+    (m32, w32), (m16, w16) = runs["fp32"], runs["bf16"]
+    assert [r["loss"] for r in m16] != [r["loss"] for r in m32]  # bfloat16 really ran
+    for a, b in zip(m32, m16):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05, abs=0.02)
+    for k in w32:
+        torch.testing.assert_close(w16[k], w32[k], rtol=0.05, atol=0.02, msg=k)
+
+
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     one = make_trainer(tmp_path / "one", steps=2, grad_accum=1, batch_size=8)
     two = make_trainer(tmp_path / "two", steps=2, grad_accum=2, batch_size=8)
@@ -147,7 +169,8 @@ def test_short_lit_run_on_scenes_learns_colour(tmp_path, minilm_available):
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=64,
                   patch_size=16, hidden_act="gelu", layer_norm_eps=1e-5)
     model = dual_encoder(lit.LiTNet.new(vision, seed=0), lit, name="tiny-lit")
-    cfg = TrainConfig(steps=200, batch_size=48, lr=1e-3, warmup_steps=5, log_every=20, save_every=100, precision="bf16")
+    cfg = TrainConfig(steps=200, batch_size=48, lr=1e-3, warmup_steps=5, log_every=20, save_every=100,
+                      precision="bf16" if fast_bfloat16() else "fp32")  # bf16 autocast is hundreds of times slower on CPUs without it
     logged = train_clip(model, ClipRecipe(data="scenes", scene_size=64), cfg, tmp_path, progress=False)
     assert logged[-1]["loss"] < logged[0]["loss"] - 0.2
     scene_cfg = SceneConfig(width=64, height=64)

@@ -14,6 +14,7 @@ from vlmlab.checkpoints.gguf import read_gguf
 from vlmlab.checkpoints.hf import read_config, read_safetensors
 from vlmlab.checkpoints.resolve import resolve
 from vlmlab.errors import ConfigError, ModelNotFoundError, UnknownArchitectureError
+from vlmlab.hardware import fast_dtype, warn_if_slow_bfloat16
 from vlmlab.infer.lm import LanguageModel
 from vlmlab.nn.quant import int4_kernel_available
 from vlmlab.infer.dual import DualEncoder, TextInputs
@@ -36,10 +37,12 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":  # bfloat16 where the CPU multiplies it natively, else float32
+        return fast_dtype("cpu")
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}") from None
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)} or auto") from None
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, int4: bool) -> LanguageModel:
@@ -245,6 +248,7 @@ def load(
     """
     path = resolve(str(name_or_path))
     torch_dtype = parse_dtype(dtype)
+    warn_if_slow_bfloat16(torch_dtype, "cpu", what=str(name_or_path))
     quantization = quantization or "none"
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"quantization {quantization!r} is not supported; choose one of {', '.join(QUANTIZATIONS)}")

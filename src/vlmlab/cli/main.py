@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from vlmlab.checkpoints.resolve import DEFAULT_LM, DEFAULT_VLM
@@ -351,6 +352,10 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPE_HELP = ("float32 (default) matches the reference; bfloat16 is about twice as fast on CPUs with AVX-512 BF16 "
+              "or AMX and far slower on CPUs without; auto: bfloat16 where native, else float32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmlab", description="Vision-language models in pure PyTorch.")
     parser.add_argument("--version", action="version", version=f"vlmlab {__import__('vlmlab').__version__}")
@@ -368,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="wrap the prompt in the chat template")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32", help=DTYPE_HELP)
     gen.add_argument("--quantization", choices=["none", "int4"], default="none",
                      help="int4: keep a GGUF's 4-bit weights in 4 bits (fastest decoding)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -412,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32", help=DTYPE_HELP)
         p.add_argument("--json", action="store_true",
                        help="print {text, token_ids, boxes, points} (boxes and points in the image's pixels)")
 
@@ -486,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                          f"default: {DEFAULT_VLM} and scenes-clip)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="bfloat16 is about twice as fast on CPUs with AVX-512 BF16")
+    sv.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                    help=DTYPE_HELP)
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (1 = no batching)")
     sv.add_argument("--max-queue", type=int, default=32, help="waiting requests before 429 (default: %(default)s)")
     sv.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
@@ -524,8 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"vlmlab: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except VlmlabError as e:

@@ -264,6 +264,7 @@ class Engine:
         self.batch = Batch(model)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.waiting: deque[Row] = deque()
+        self.joining: list[Row] = []  # admitted, being prefilled (in neither `waiting` nor the batch yet)
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -277,7 +278,10 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self.batch)
+        """Rows that hold a place: being prefilled, or decoding and not yet finished. A row that
+        finished during a step frees its place at once, though it leaves the batch only after the
+        step's forward: its client may already be sending the next request."""
+        return len(self.joining) + sum(1 for seq in self.batch.rows if seq.finish_reason is None)
 
     def tokens_per_s(self) -> float:
         """Tokens generated per second over the last RATE_WINDOW_S seconds."""
@@ -289,9 +293,10 @@ class Engine:
     def submit(self, seq: Row) -> None:
         self.batch.check(seq)
         with self.cond:
-            free_rows = max(0, self.max_batch - len(self.batch))
+            running = self.running
+            free_rows = max(0, self.max_batch - running)
             if len(self.waiting) >= self.max_queue + free_rows:
-                raise BusyError(f"the server is busy: {len(self.batch)} requests are running and "
+                raise BusyError(f"the server is busy: {running} requests are running and "
                                 f"{len(self.waiting)} waiting (max_batch={self.max_batch}, max_queue={self.max_queue}); "
                                 "retry shortly")
             self.waiting.append(seq)
@@ -321,7 +326,7 @@ class Engine:
         """Waiting sequences that join now (cancelled or expired ones are finished, not admitted)."""
         joining = []
         now = time.monotonic()
-        while self.waiting and len(self.batch) + len(joining) < self.max_batch:
+        while self.waiting and self.running + len(joining) < self.max_batch:
             seq = self.waiting.popleft()
             if seq.cancelled:
                 seq.finish("cancelled")
@@ -340,17 +345,19 @@ class Engine:
                     self.cond.wait()
                 if self.stopping:
                     return
-                joining = self._admit()
+                joining = self.joining = self._admit()
             start = time.perf_counter()
             try:
                 if joining:
                     self.batch.add(joining)
+                self.joining = []
                 if len(self.batch):
                     produced = self.batch.step()
                     self.generated_tokens += produced
                     self.recent.append((time.monotonic(), produced))
             except Exception as e:  # a bug must not take the server down: fail the rows, keep serving
                 log.exception("generation failed")
+                self.joining = []
                 for seq in joining:
                     seq.finish("error", error=VlmlabError(f"generation failed: {type(e).__name__}: {e}"))
                 self.batch.fail_all(VlmlabError(f"generation failed: {type(e).__name__}: {e}"))

@@ -32,6 +32,7 @@ from torch import nn
 
 from vlmlab.checkpoints.hf import atomic_write
 from vlmlab.errors import CheckpointError, ConfigError
+from vlmlab.hardware import warn_if_slow_bfloat16
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -122,6 +123,8 @@ class Trainer:
         the trained weights at each checkpoint and at the end, so callers (saving, merging LoRA)
         see an ordinary module. `step_fn` and `after_step` get the sharded copy."""
         self.step_fn, self.data, self.cfg = step_fn, data, cfg
+        if cfg.precision == "bf16":
+            warn_if_slow_bfloat16("bf16", str(next(model.parameters()).device.type), what="training (precision bf16)")
         self.out = Path(out)
         self.after_step = after_step
         self.rank, self.world = distributed_setup()
