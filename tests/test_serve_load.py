@@ -142,7 +142,9 @@ def test_serve_under_load_refuses_cleanly_frees_rows_and_keeps_memory(tmp_path):
     assert all(o.valid for o in chat + aborts), lines(chat + aborts)
     assert stats["answered"] >= CLIENTS, stats  # many answered ...
     assert stats["refused_429"] > 0, stats  # ... and the small queue refused some
-    assert stats["aborted_streams"] > 0, stats
+    # leaving clients tried; on a slow CPU the small queue can refuse every one of them during the
+    # load (then the lone departures below are what shows rows are freed)
+    assert stats["aborted_streams"] + stats["aborts_refused_429"] > 0, stats
     # the server counted them: every answer and refusal the clients saw is in /metrics
     assert delta.get(429, 0) == stats["refused_429"] + stats["aborts_refused_429"], (delta, stats)
     assert delta.get(200, 0) == stats["answered"], (delta, stats)
