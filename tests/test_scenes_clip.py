@@ -44,3 +44,27 @@ def test_zero_shot_colour_on_the_test_split(model):
 def test_embeddings_are_normalised_and_match_their_caption(model):
     img = model.embed_image([classification_sample(0, "test").images[0]])
     assert img.shape == (1, 384) and abs(img.norm().item() - 1) < 1e-5
+
+
+def test_text_cache_fills_in_length_groups_and_survives_overflow(model, monkeypatch):
+    import vlmlab.models.lit as lit
+
+    net = model.net
+    texts = ["a red circle.", "a photo of a small blue square to the left of a large green star.", "x",
+             "two words", "a much longer description of a scene with several objects and a word in it."]
+    ids, mask = model.text_inputs(texts)
+    with torch.no_grad():
+        ref = net.text_projection(net.text_model(ids, mask))  # the tower on one padded batch, uncached
+
+    def encode(rows):
+        with torch.no_grad():
+            return net.encode_text(ids[rows], mask[rows])
+
+    monkeypatch.setattr(lit, "TEXT_CACHE_SIZE", 3)
+    net._text_cache.clear()
+    torch.testing.assert_close(encode([1, 2]), ref[[1, 2]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(encode([0, 1, 2, 0]), ref[[0, 1, 2, 0]], rtol=0, atol=1e-5)  # 1 new: fits
+    assert len(net._text_cache) == 3
+    torch.testing.assert_close(encode([3, 4, 1]), ref[[3, 4, 1]], rtol=0, atol=1e-5)  # 2 new: full, restarts
+    assert len(net._text_cache) == 3
+    net._text_cache.clear()

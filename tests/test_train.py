@@ -225,3 +225,34 @@ def test_text_groups_ignore_padding_width():
     b = torch.tensor([[1, 5, 9]])  # the same text padded to another width (another process)
     g_a, g_b = text_groups(a, mask_a), text_groups(b, torch.ones_like(b))
     assert g_a[0] == g_a[1] != g_a[2] and g_b[0] == g_a[0]
+
+
+def test_zoomed_scene_pairs_keep_the_object_and_drop_its_size():
+    import random
+
+    import numpy as np
+
+    from vlmlab.data.scenes import COLORS, generate_sample
+    from vlmlab.train.clip import scenes_pair, zoom_crop
+
+    plain = [scenes_pair(i) for i in range(0, 24, 2)]
+    zoomed = [scenes_pair(i, zoom=1.0) for i in range(0, 24, 2)]
+    assert [t for _, t in plain] == [scenes_pair(i, zoom=0.0)[1] for i in range(0, 24, 2)]  # zoom 0: unchanged
+    assert [np.asarray(a).tobytes() for a, _ in zoomed] == [np.asarray(scenes_pair(i, zoom=1.0)[0]).tobytes()
+                                                            for i in range(0, 24, 2)]  # deterministic
+    assert not any(w in t.split() for _, t in zoomed for w in ("small", "large"))
+    assert any(w in t.split() for _, t in plain for w in ("small", "large"))
+    def object_pixels(image, colour):
+        pixels = np.asarray(image).reshape(-1, 3).astype(int)
+        return int((np.abs(pixels - np.array(COLORS[colour])).sum(-1) < 30).sum())
+
+    for i, (image, _), (scene_image, _) in zip(range(0, 24, 2), zoomed, plain):
+        obj = generate_sample("classify", i // 2, "train").scenes[0].objects[0]
+        assert image.size == (224, 224)
+        # the whole object is in view, drawn at least as large as in the scene (bicubic edges aside)
+        assert object_pixels(image, obj.color) >= 0.8 * object_pixels(scene_image, obj.color) > 0
+    image = generate_sample("classify", 0, "train").images[0]
+    box = generate_sample("classify", 0, "train").scenes[0].objects[0].box
+    crops = [zoom_crop(image, box, random.Random(seed)) for seed in range(30)]
+    assert all(c.size == image.size for c in crops)
+    assert len({np.asarray(c).tobytes() for c in crops}) > 20  # a spread of crops, not one

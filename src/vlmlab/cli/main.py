@@ -266,7 +266,8 @@ def _train_clip(args: argparse.Namespace) -> int:
                       warmup_steps=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
                       log_every=args.log_every, save_every=args.save_every, seed=args.seed)
     recipe = ClipRecipe(data=args.data, loss=args.loss, lock_image=args.lock_image, lock_text=args.lock_text,
-                        scene_size=args.scene_size, multi_positive=args.multi_positive)
+                        scene_size=args.scene_size, multi_positive=args.multi_positive,
+                        zoom=args.zoom)
     logged = train_clip(model, recipe, cfg, args.out, resume=args.resume)
     distributed_teardown()
     if logged:
@@ -479,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--scene-size", type=int, default=224)
     tc.add_argument("--multi-positive", action="store_true",
                     help="count pairs with identical texts as positives (class prompts repeat within a batch)")
+    tc.add_argument("--zoom", type=float, default=0.0,
+                    help="scenes: the fraction (0-1) of single-object pairs shown through a random crop around "
+                         "the object, drawn up to 0.45 of the side (default 0)")
     tc.add_argument("--log-every", type=int, default=10)
     tc.add_argument("--save-every", type=int, default=100)
     tc.add_argument("--seed", type=int, default=0)

@@ -18,6 +18,7 @@ from torch import nn
 from vlmlab.checkpoints.state import load_state
 from vlmlab.errors import ConfigError
 from vlmlab.models.dual_encoder import DualEncoderNet
+from vlmlab.nn.encoder import length_groups
 from vlmlab.text.bert import SentenceEncoder, minilm_path
 from vlmlab.vision.vit import ViTConfig, VisionTransformer
 
@@ -101,7 +102,7 @@ class LiTNet(DualEncoderNet):
         return net
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual_projection(self.vision_model(pixel_values).pooled)
+        return self.visual_projection(self.vision_model.pool(pixel_values))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The locked tower's sentence embeddings (cached by token ids: the tower is frozen and
@@ -109,18 +110,20 @@ class LiTNet(DualEncoderNet):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         keys = [tuple(row[m.bool()].tolist()) for row, m in zip(input_ids, attention_mask)]
-        todo = sorted({k for k in keys if k not in self._text_cache}, key=len)
-        if todo:
-            width = max(len(k) for k in todo)
-            ids = torch.zeros(len(todo), width, dtype=torch.long)
-            mask = torch.zeros(len(todo), width, dtype=torch.long)
-            for i, k in enumerate(todo):
+        todo = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
+        if len(self._text_cache) + len(todo) > TEXT_CACHE_SIZE:  # full: start again with this batch's texts
+            self._text_cache.clear()
+            todo = list(dict.fromkeys(keys))
+        # New texts in groups of similar length (padding is masked out, so a group cut to its
+        # longest text gives the same embeddings with less work).
+        for rows, width in length_groups(torch.tensor([len(k) for k in todo])) if todo else ():
+            group = [todo[i] for i in rows.tolist()]
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for i, k in enumerate(group):
                 ids[i, : len(k)], mask[i, : len(k)] = torch.tensor(k), 1
             with torch.no_grad():
-                emb = self.text_model(ids, mask).float()
-            if len(self._text_cache) + len(todo) > TEXT_CACHE_SIZE:
-                self._text_cache.clear()
-            self._text_cache.update(zip(todo, emb))
+                self._text_cache.update(zip(group, self.text_model(ids, mask).float()))
         tower = torch.stack([self._text_cache[k] for k in keys]).to(self.text_projection.weight.dtype)
         return self.text_projection(tower)
 

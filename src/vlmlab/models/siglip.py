@@ -80,10 +80,10 @@ class SiglipNet(DualEncoderNet):
         self.logit_bias = nn.Parameter(torch.zeros(1))
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vision_model(pixel_values).pooled
+        return self.vision_model.pool(pixel_values)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.text_model(input_ids, attention_mask)[1]
+        return self.text_model.pool(input_ids, attention_mask)
 
     # ---- checkpoints ----
 

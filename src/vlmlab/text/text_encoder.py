@@ -19,7 +19,7 @@ from torch import nn
 
 from vlmlab.checkpoints.hf import require_positive
 from vlmlab.errors import ConfigError, InputError
-from vlmlab.nn.encoder import Encoder, padding_mask
+from vlmlab.nn.encoder import Encoder, length_groups, padding_mask
 
 
 @dataclass
@@ -71,10 +71,7 @@ class TextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = input_ids.shape[-1]
-        if n > self.position_embedding.num_embeddings:
-            raise InputError(f"text of {n} tokens is longer than the model's {self.position_embedding.num_embeddings} positions")
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:n]
+        return self.token_embedding(input_ids) + self.position_embedding.weight[:input_ids.shape[-1]]
 
 
 class TextTransformer(nn.Module):
@@ -90,18 +87,47 @@ class TextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(last hidden states (batch, seq, hidden), pooled (batch, hidden or projection_size))."""
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be (batch, seq), got {tuple(input_ids.shape)}")
+        self._check(input_ids)
         x = self.embeddings(input_ids)
         mask, is_causal = padding_mask(attention_mask, causal=self.cfg.causal)
         x = self.final_layer_norm(self.encoder(x, mask, is_causal))
-        rows = torch.arange(x.shape[0], device=x.device)
+        pooled = x[torch.arange(x.shape[0], device=x.device), self.pooled_positions(input_ids)]
+        return x, self._head(pooled)
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward(...)[1]` with less work: the last layer computes the pooled position alone, and a
+        causal tower runs the batch in groups of similar length, each cut after its latest pooled
+        position (under a causal mask nothing after the end-of-text token reaches it)."""
+        self._check(input_ids)
+        positions = self.pooled_positions(input_ids)
+        if not self.cfg.causal:  # every position reaches the pooled one
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            return self._pool_rows(input_ids, attention_mask, positions, rows, input_ids.shape[1])
+        groups = length_groups(positions + 1)
+        parts = [self._pool_rows(input_ids, attention_mask, positions, rows, length) for rows, length in groups]
+        return torch.cat(parts)[torch.argsort(torch.cat([rows for rows, _ in groups]))]
+
+    def _pool_rows(self, input_ids, attention_mask, positions, rows, length) -> torch.Tensor:
+        ids = input_ids[rows, :length]
+        mask, is_causal = padding_mask(None if attention_mask is None else attention_mask[rows, :length],
+                                       causal=self.cfg.causal)
+        x = self.encoder(self.embeddings(ids), mask, is_causal, keep=positions[rows, None])
+        return self._head(self.final_layer_norm(x[:, 0]))
+
+    def pooled_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch,) the position each text is pooled at."""
         if self.cfg.pooling == "last":
-            pooled = x[:, -1]
-        elif self.cfg.eos_token_id == 2:  # legacy configs: the end-of-text token has the highest id
-            pooled = x[rows, input_ids.argmax(-1)]
-        else:
-            pooled = x[rows, (input_ids == self.cfg.eos_token_id).int().argmax(-1)]
-        if self.cfg.projection_size is not None:
-            pooled = self.head(pooled)
-        return x, pooled
+            return torch.full(input_ids.shape[:1], input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+        if self.cfg.eos_token_id == 2:  # legacy configs: the end-of-text token has the highest id
+            return input_ids.argmax(-1)
+        return (input_ids == self.cfg.eos_token_id).int().argmax(-1)
+
+    def _head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled if self.cfg.projection_size is None else self.head(pooled)
+
+    def _check(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be (batch, seq), got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.cfg.max_position_embeddings:
+            raise InputError(f"text of {input_ids.shape[1]} tokens is longer than the model's "
+                             f"{self.cfg.max_position_embeddings} positions")

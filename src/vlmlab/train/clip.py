@@ -12,6 +12,7 @@ asks) and full scenes with one of their reference captions (positions, sizes, co
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,21 +32,47 @@ CLASS_PHRASES = ("a photo of a {}.", "a {}.", "{}", "an image of a {}.", "a pict
 COLOR_PHRASES = ("a photo of a {} object.", "something {}.", "a {} shape.")
 
 
-def scenes_pair(index: int, split: str = "train", config: SceneConfig | None = None) -> tuple[Any, str]:
-    """The index-th training pair of the scenes: (PIL image, text). Deterministic."""
+def scenes_pair(index: int, split: str = "train", config: SceneConfig | None = None,
+                zoom: float = 0.0) -> tuple[Any, str]:
+    """The index-th training pair of the scenes: (PIL image, text). Deterministic.
+
+    zoom: the fraction of single-object pairs seen through `zoom_crop` (the object drawn larger);
+    their texts leave out "small"/"large", which a crop no longer shows."""
     rng = random.Random(derive_seed("clip-pair", index))
     if index % 2 == 0:  # one object, named by some of its attributes
         s = generate_sample("classify", index // 2, split, config)
-        obj = s.scenes[0].objects[0]
+        obj, image = s.scenes[0].objects[0], s.images[0]
+        zoomed = zoom > 0 and random.Random(derive_seed("clip-zoom", index)).random() < zoom
+        if zoomed:
+            image = zoom_crop(image, obj.box, random.Random(derive_seed("clip-zoom-crop", index)))
         r = rng.random()
         if r < 0.15:
-            return s.images[0], rng.choice(COLOR_PHRASES).format(obj.color)
-        label = (obj.shape if r < 0.3 else f"{obj.color} {obj.shape}" if r < 0.65
+            return image, rng.choice(COLOR_PHRASES).format(obj.color)
+        label = (obj.shape if r < 0.3 else f"{obj.color} {obj.shape}" if r < 0.65 or zoomed
                  else f"{obj.size} {obj.color} {obj.shape}")
-        return s.images[0], rng.choice(CLASS_PHRASES).format(label)
+        return image, rng.choice(CLASS_PHRASES).format(label)
     task = "caption_detailed" if rng.random() < 0.3 else "caption_short"
     s = generate_sample(task, index // 2, split, config)
     return s.images[0], rng.choice(s.turns[-1].answer.value)
+
+
+def zoom_crop(image, box: tuple[int, int, int, int], rng: random.Random, max_fill: float = 0.45):
+    """A square crop holding the whole `box`, resized (bicubic) back to the image's size, so the
+    object covers between its own share of the image and `max_fill` of the side (the side drawn
+    log-uniformly): a random-resized crop that keeps the object in view. Shape is easier to
+    learn on objects several patches wide; crops of every scale in between carry it down to the
+    drawn size."""
+    from PIL import Image
+
+    width, height = image.size
+    x0, y0, x1, y1 = box
+    extent = max(x1 - x0, y1 - y0, 1)
+    largest = min(width, height)
+    smallest = min(largest, max(extent, math.ceil(extent / max_fill)))
+    side = round(math.exp(rng.uniform(math.log(smallest), math.log(largest))))
+    left = rng.randint(max(0, x1 - side), min(x0, width - side))
+    top = rng.randint(max(0, y1 - side), min(y0, height - side))
+    return image.crop((left, top, left + side, top + side)).resize((width, height), Image.BICUBIC)
 
 
 class PairsFolder:
@@ -80,6 +107,7 @@ class ClipRecipe:
     lock_text: bool = False
     scene_size: int = 224
     multi_positive: bool = False  # pairs with identical texts are all positives (see losses.py)
+    zoom: float = 0.0  # scenes: the fraction of single-object pairs shown zoomed in (`zoom_crop`)
 
 
 def text_groups(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -113,10 +141,14 @@ def train_clip(model: DualEncoder, recipe: ClipRecipe, cfg: TrainConfig, out: st
     if recipe.lock_text:
         groups.update({"text_model": 0.0, "text_projection": 0.0})
     cfg.param_groups = groups
+    if not 0.0 <= recipe.zoom <= 1.0:
+        raise ConfigError(f"zoom = {recipe.zoom}: expected a fraction in [0, 1]")
     if recipe.data == "scenes":
         scene_cfg = SceneConfig(width=recipe.scene_size, height=recipe.scene_size)
-        pair_at = lambda i: scenes_pair(i, "train", scene_cfg)  # noqa: E731
+        pair_at = lambda i: scenes_pair(i, "train", scene_cfg, recipe.zoom)  # noqa: E731
     else:
+        if recipe.zoom:
+            raise ConfigError("zoom applies to the scenes data only (it needs each object's box)")
         pair_at = PairsFolder(recipe.data, cfg.seed)
     loss_fn = ContrastiveLoss(recipe.loss)
     if cfg.parallel != "ddp":  # the loss reads logit_scale outside the forward, where FSDP keeps it sharded

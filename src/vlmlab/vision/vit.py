@@ -191,6 +191,15 @@ class VisionTransformer(nn.Module):
         x = self.post_layernorm(x)
         return VisionOutput(x, self.head(x) if self.cfg.pooling == "map" else None, states)
 
+    def pool(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """`forward(pixel_values).pooled` with less work: with [class] pooling the last layer
+        computes the [class] token alone (mean and attention pooling read every token)."""
+        if self.cfg.pooling != "cls":
+            return self(pixel_values).pooled
+        x = self.embed(pixel_values)
+        keep = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        return self.post_layernorm(self.encoder(x, keep=keep)[:, 0])
+
     def feature_layer(self, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
         """Hidden states after encoder layer `layer` (HF indexing: 0 = embeddings, -1 = last,
         -2 = penultimate), running no layer beyond it."""
