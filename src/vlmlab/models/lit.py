@@ -20,6 +20,7 @@ from vlmlab.errors import ConfigError
 from vlmlab.models.dual_encoder import DualEncoderNet
 from vlmlab.nn.encoder import length_groups
 from vlmlab.text.bert import SentenceEncoder, minilm_path
+from vlmlab.text.tokenizer import pad_batch
 from vlmlab.vision.vit import ViTConfig, VisionTransformer
 
 HF_ARCHITECTURES = ("VlmlabLiTModel",)
@@ -118,10 +119,7 @@ class LiTNet(DualEncoderNet):
         # longest text gives the same embeddings with less work).
         for rows, width in length_groups(torch.tensor([len(k) for k in todo])) if todo else ():
             group = [todo[i] for i in rows.tolist()]
-            ids = torch.zeros(len(group), width, dtype=torch.long)
-            mask = torch.zeros(len(group), width, dtype=torch.long)
-            for i, k in enumerate(group):
-                ids[i, : len(k)], mask[i, : len(k)] = torch.tensor(k), 1
+            ids, mask = pad_batch([list(k) for k in group], 0, width)
             with torch.no_grad():
                 self._text_cache.update(zip(group, self.text_model(ids, mask).float()))
         tower = torch.stack([self._text_cache[k] for k in keys]).to(self.text_projection.weight.dtype)

@@ -100,10 +100,8 @@ class TextTransformer(nn.Module):
         position (under a causal mask nothing after the end-of-text token reaches it)."""
         self._check(input_ids)
         positions = self.pooled_positions(input_ids)
-        if not self.cfg.causal:  # every position reaches the pooled one
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-            return self._pool_rows(input_ids, attention_mask, positions, rows, input_ids.shape[1])
-        groups = length_groups(positions + 1)
+        groups = (length_groups(positions + 1) if self.cfg.causal  # bidirectional: every position reaches it
+                  else [(torch.arange(input_ids.shape[0], device=input_ids.device), input_ids.shape[1])])
         parts = [self._pool_rows(input_ids, attention_mask, positions, rows, length) for rows, length in groups]
         return torch.cat(parts)[torch.argsort(torch.cat([rows for rows, _ in groups]))]
 
