@@ -140,9 +140,12 @@ def test_resume_errors_are_named(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_two_process_torchrun_equals_one_process(tmp_path):
-    run_helper("tiny_clip_train.py", tmp_path / "one", 3, timeout=300)
-    run_helper("tiny_clip_train.py", tmp_path / "two", 3, procs=2, port=29533, timeout=300)
+@pytest.mark.parametrize("patch_keep", ["1.0", "0.5"])
+def test_two_process_torchrun_equals_one_process(tmp_path, patch_keep):
+    """Also with FLIP's patch dropping: each sample's patches depend on its index, not its rank."""
+    run_helper("tiny_clip_train.py", tmp_path / "one", 3, "--patch-keep", patch_keep, timeout=300)
+    run_helper("tiny_clip_train.py", tmp_path / "two", 3, "--patch-keep", patch_keep, procs=2, port=29533,
+               timeout=300)
     assert_same_training(tmp_path / "one" / METRICS, tmp_path / "two" / METRICS,
                          tmp_path / "one" / "final.safetensors", tmp_path / "two" / "final.safetensors")
 

@@ -1,7 +1,10 @@
 """A tiny CLIP trained for a few steps by `vlmlab.train.Trainer`: used by tests/test_train.py in
 one process and under `torchrun --nproc_per_node 2` (same global batch), and for resume tests.
 
-    python tiny_clip_train.py OUT STEPS [--resume] [--grad-accum N] [--crash-at STEP]
+    python tiny_clip_train.py OUT STEPS [--resume] [--grad-accum N] [--patch-keep F]
+
+--patch-keep F trains the image tower on that fraction of each image's 4 patches (FLIP's masking),
+drawn per sample as `vlmlab.train.clip` draws them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from vlmlab.models.clip import CLIPConfig, CLIPNet
 from vlmlab.text.text_encoder import TextEncoderConfig
 from vlmlab.train.losses import ContrastiveLoss, clamp_logit_scale
 from vlmlab.train.trainer import TrainConfig, Trainer, distributed_teardown
-from vlmlab.vision.vit import ViTConfig
+from vlmlab.vision.vit import ViTConfig, random_patches
 
 EOS = 31
 
@@ -44,19 +47,21 @@ def sample(i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pixels, ids
 
 
-def data(batch_size: int):
+def data(batch_size: int, patch_keep: float = 1.0):
     def fn(step: int, micro: int, rank: int, world: int, size: int):
         start = step * batch_size + (micro * world + rank) * size
         pixels, ids = zip(*(sample(i) for i in range(start, start + size)))
-        return torch.stack(pixels), torch.stack(ids)
+        patches = random_patches(4, patch_keep, list(range(start, start + size))) if patch_keep < 1 else None
+        return torch.stack(pixels), torch.stack(ids), patches
 
     return fn
 
 
-def make_trainer(out, steps: int, grad_accum: int = 1, batch_size: int = 8, crash_at: int | None = None) -> Trainer:
+def make_trainer(out, steps: int, grad_accum: int = 1, batch_size: int = 8, crash_at: int | None = None,
+                 patch_keep: float = 1.0) -> Trainer:
     net = tiny_clip()
     loss_fn = ContrastiveLoss("infonce")
-    feed = data(batch_size)
+    feed = data(batch_size, patch_keep)
 
     def fn(step, micro, rank, world, size):
         if crash_at is not None and step == crash_at:
@@ -64,7 +69,7 @@ def make_trainer(out, steps: int, grad_accum: int = 1, batch_size: int = 8, cras
         return feed(step, micro, rank, world, size)
 
     def step_fn(m, batch):
-        img, txt = m(batch[0], batch[1], features=True)
+        img, txt = m(batch[0], batch[1], features=True, patches=batch[2])
         return loss_fn(img, txt, net.logit_scale), {}
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=3e-3, warmup_steps=2,
@@ -75,7 +80,8 @@ def make_trainer(out, steps: int, grad_accum: int = 1, batch_size: int = 8, cras
 if __name__ == "__main__":
     out, steps = sys.argv[1], int(sys.argv[2])
     accum = int(sys.argv[sys.argv.index("--grad-accum") + 1]) if "--grad-accum" in sys.argv else 1
-    trainer = make_trainer(out, steps, grad_accum=accum)
+    keep = float(sys.argv[sys.argv.index("--patch-keep") + 1]) if "--patch-keep" in sys.argv else 1.0
+    trainer = make_trainer(out, steps, grad_accum=accum, patch_keep=keep)
     trainer.fit(resume="--resume" in sys.argv, progress=False)
     if trainer.is_main:
         from safetensors.torch import save_file

@@ -267,7 +267,7 @@ def _train_clip(args: argparse.Namespace) -> int:
                       log_every=args.log_every, save_every=args.save_every, seed=args.seed)
     recipe = ClipRecipe(data=args.data, loss=args.loss, lock_image=args.lock_image, lock_text=args.lock_text,
                         scene_size=args.scene_size, multi_positive=args.multi_positive,
-                        zoom=args.zoom)
+                        zoom=args.zoom, patch_keep=args.patch_keep)
     logged = train_clip(model, recipe, cfg, args.out, resume=args.resume)
     distributed_teardown()
     if logged:
@@ -483,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--zoom", type=float, default=0.0,
                     help="scenes: the fraction (0-1) of single-object pairs shown through a random crop around "
                          "the object, drawn up to 0.45 of the side (default 0)")
+    tc.add_argument("--patch-keep", type=float, default=1.0,
+                    help="train the image tower on this random fraction (0-1] of each image's patches, FLIP's "
+                         "masking: about proportionally cheaper per image; inference sees every patch (default 1)")
     tc.add_argument("--log-every", type=int, default=10)
     tc.add_argument("--save-every", type=int, default=100)
     tc.add_argument("--seed", type=int, default=0)

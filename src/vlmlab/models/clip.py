@@ -76,8 +76,8 @@ class CLIPNet(DualEncoderNet):
         self.text_projection = nn.Linear(cfg.text.hidden_size, cfg.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init_value))
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual_projection(self.vision_model.pool(pixel_values))
+    def encode_image(self, pixel_values: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        return self.visual_projection(self.vision_model.pool(pixel_values, patches))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.text_projection(self.text_model.pool(input_ids, attention_mask))

@@ -17,8 +17,9 @@ class DualEncoderNet(nn.Module):
     # independent sigmoids.
     probability = "softmax"
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(batch, embed_dim) image embeddings, not normalised."""
+    def encode_image(self, pixel_values: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, embed_dim) image embeddings, not normalised; patches: (batch, k) indices of the
+        only patch tokens the image tower sees (training with FLIP's masking; see `vision.vit`)."""
         raise NotImplementedError
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,8 +35,9 @@ class DualEncoderNet(nn.Module):
         return out if bias is None else out + bias
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, *, features: bool = False):
+                attention_mask: torch.Tensor | None = None, *, features: bool = False,
+                patches: torch.Tensor | None = None):
         """logits_per_image, or with features=True the two embeddings (what a training loss needs;
-        training calls forward, not encode_*, so that DDP sees the call)."""
-        img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+        training calls forward, not encode_*, so that DDP sees the call). patches: see encode_image."""
+        img, txt = self.encode_image(pixel_values, patches), self.encode_text(input_ids, attention_mask)
         return (img, txt) if features else self.logits(img, txt)

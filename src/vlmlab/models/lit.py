@@ -102,8 +102,8 @@ class LiTNet(DualEncoderNet):
                 nn.init.zeros_(p)
         return net
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual_projection(self.vision_model.pool(pixel_values))
+    def encode_image(self, pixel_values: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        return self.visual_projection(self.vision_model.pool(pixel_values, patches))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The locked tower's sentence embeddings (cached by token ids: the tower is frozen and

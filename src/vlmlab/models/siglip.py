@@ -79,8 +79,8 @@ class SiglipNet(DualEncoderNet):
         self.logit_scale = nn.Parameter(torch.zeros(1))
         self.logit_bias = nn.Parameter(torch.zeros(1))
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vision_model.pool(pixel_values)
+    def encode_image(self, pixel_values: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vision_model.pool(pixel_values, patches)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.text_model.pool(input_ids, attention_mask)

@@ -8,6 +8,10 @@ resumed run sees exactly the batches it would have seen.
 Scenes batches mix two kinds of pairs: single-object scenes described by their class
 ("a photo of a small red circle.", in a few phrasings, which is what zero-shot classification
 asks) and full scenes with one of their reference captions (positions, sizes, counts, words).
+
+`patch_keep` < 1 trains the image tower on a random fraction of each image's patches (FLIP's
+masking, `vision.vit.random_patches`), drawn per sample from the run's seed: the tower's cost per
+image falls about in proportion; evaluation and inference see every patch.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from vlmlab.errors import ConfigError, DataError
 from vlmlab.infer.dual import DualEncoder
 from vlmlab.train.losses import ContrastiveLoss, clamp_logit_scale
 from vlmlab.train.trainer import TrainConfig, Trainer
+from vlmlab.vision.vit import random_patches
 
 CLASS_PHRASES = ("a photo of a {}.", "a {}.", "{}", "an image of a {}.", "a picture with a {}.")
 COLOR_PHRASES = ("a photo of a {} object.", "something {}.", "a {} shape.")
@@ -108,6 +113,7 @@ class ClipRecipe:
     scene_size: int = 224
     multi_positive: bool = False  # pairs with identical texts are all positives (see losses.py)
     zoom: float = 0.0  # scenes: the fraction of single-object pairs shown zoomed in (`zoom_crop`)
+    patch_keep: float = 1.0  # the fraction of each image's patches the image tower trains on (FLIP)
 
 
 def text_groups(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -118,14 +124,23 @@ def text_groups(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (real * weights).sum(-1)
 
 
-def batch_fn(model: DualEncoder, pair_at: Callable[[int], tuple[Any, str]], batch_size: int):
-    """data(step, micro, rank, world, size): this rank's slice of the global batch of `step`."""
+def batch_fn(model: DualEncoder, pair_at: Callable[[int], tuple[Any, str]], batch_size: int,
+             patch_keep: float = 1.0, seed: int = 0):
+    """data(step, micro, rank, world, size): this rank's slice of the global batch of `step`:
+    (pixels, ids, mask, patches), patches None unless patch_keep < 1."""
+    patch = model.net.vision_model.cfg.patch_size
 
     def data(step: int, micro: int, rank: int, world: int, size: int):
         start = step * batch_size + (micro * world + rank) * size
         images, texts = zip(*(pair_at(i) for i in range(start, start + size)))
         ids, mask = model.text_inputs(list(texts))
-        return model.processor(list(images)), ids, mask
+        pixels = model.processor(list(images))
+        patches = None
+        if patch_keep < 1.0:
+            n = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+            seeds = [derive_seed("clip-patches", seed, i) for i in range(start, start + size)]
+            patches = random_patches(n, patch_keep, seeds)
+        return pixels, ids, mask, patches
 
     return data
 
@@ -143,6 +158,8 @@ def train_clip(model: DualEncoder, recipe: ClipRecipe, cfg: TrainConfig, out: st
     cfg.param_groups = groups
     if not 0.0 <= recipe.zoom <= 1.0:
         raise ConfigError(f"zoom = {recipe.zoom}: expected a fraction in [0, 1]")
+    if not 0.0 < recipe.patch_keep <= 1.0:
+        raise ConfigError(f"patch_keep = {recipe.patch_keep}: expected a fraction in (0, 1]")
     if recipe.data == "scenes":
         scene_cfg = SceneConfig(width=recipe.scene_size, height=recipe.scene_size)
         pair_at = lambda i: scenes_pair(i, "train", scene_cfg, recipe.zoom)  # noqa: E731
@@ -157,14 +174,14 @@ def train_clip(model: DualEncoder, recipe: ClipRecipe, cfg: TrainConfig, out: st
         raise ConfigError("the sigmoid (SigLIP) loss needs a model with a logit_bias (a SigLIP model)")
 
     def step_fn(m, batch):
-        pixels, ids, mask = batch
-        img, txt = m(pixels, ids, mask, features=True)
+        pixels, ids, mask, patches = batch
+        img, txt = m(pixels, ids, mask, features=True, patches=patches)
         groups = text_groups(ids, mask) if recipe.multi_positive else None
         loss = loss_fn(img, txt, net.logit_scale, getattr(net, "logit_bias", None), groups=groups)
         return loss, {"logit_scale": float(net.logit_scale.detach().exp())}
 
     net.requires_grad_(True)
-    trainer = Trainer(net, step_fn, batch_fn(model, pair_at, cfg.batch_size), cfg, out,
+    trainer = Trainer(net, step_fn, batch_fn(model, pair_at, cfg.batch_size, recipe.patch_keep, cfg.seed), cfg, out,
                       after_step=lambda m: clamp_logit_scale(m.logit_scale))
     logged = trainer.fit(resume=resume, progress=progress)
     net.requires_grad_(False)

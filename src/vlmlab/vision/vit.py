@@ -9,6 +9,8 @@ grid size, exactly as transformers computes it. Pooling: CLIP takes the [class] 
 `post_layernorm`; SigLIP normalises every token and pools with a multi-head attention probe
 (`AttentionPoolingHead`, "MAP"). VLMs read the hidden states of any layer instead (LLaVA: the
 penultimate layer's patch tokens), and can stop the encoder early to save the remaining layers.
+Training may drop most patch tokens before the encoder (FLIP's masking, `random_patches`): the
+encoder's cost falls with the tokens it sees, and inference still sees every patch.
 
 Parameter names follow Hugging Face's CLIPVisionModel / SiglipVisionModel (`embeddings.*`,
 `pre_layrnorm`, `encoder.layers.N.*`, `post_layernorm`, `head.*`).
@@ -131,6 +133,32 @@ class PatchEmbeddings(nn.Module):
         return x + self.positions(h // p, w // p)
 
 
+def select_patches(x: torch.Tensor, patches: torch.Tensor, prefix: int) -> torch.Tensor:
+    """x (batch, prefix + patches, hidden) with only the given patch tokens (batch, k) after its
+    `prefix` tokens ([class]), in the order given."""
+    n = x.shape[1] - prefix
+    if patches.dim() != 2 or patches.shape[0] != x.shape[0] or patches.dtype != torch.long:
+        raise InputError(f"patches must be a (batch={x.shape[0]}, k) int64 tensor of patch indices, "
+                         f"got {tuple(patches.shape)} {patches.dtype}")
+    if patches.numel() and not (0 <= int(patches.min()) and int(patches.max()) < n):
+        raise InputError(f"patch indices must lie in [0, {n}) for this image's {n} patches")
+    kept = x[:, prefix:].gather(1, patches[..., None].expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :prefix], kept], dim=1)
+
+
+def random_patches(num_patches: int, keep: float, seeds: list[int]) -> torch.Tensor:
+    """(len(seeds), k) sorted indices of k = round(keep * num_patches) patches (at least one),
+    drawn uniformly without replacement, one draw per seed: FLIP's random masking ("Scaling
+    Language-Image Pre-training via Masking", Li et al. 2023), which trains on a fraction of each
+    image's patches for a proportional saving. Seeded per sample, so a run does not depend on how
+    its batches are split between processes or resumed."""
+    if not 0.0 < keep <= 1.0:
+        raise ConfigError(f"patch keep fraction {keep}: expected a fraction in (0, 1]")
+    k = max(1, round(keep * num_patches))
+    rows = [torch.randperm(num_patches, generator=torch.Generator().manual_seed(s))[:k] for s in seeds]
+    return torch.stack(rows).sort(dim=1).values if rows else torch.zeros(0, k, dtype=torch.long)
+
+
 def position_buckets(n: int, grid: int, device: torch.device | None = None) -> torch.Tensor:
     """Which of `grid` trained position rows (or columns) each of `n` patch rows takes, as
     Idefics2/3 compute it: the patch's fractional coordinate i/n, bucketed at the boundaries
@@ -171,15 +199,22 @@ class VisionTransformer(nn.Module):
         if cfg.pooling == "map":
             self.head = AttentionPoolingHead(cfg)
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The encoder's input: patch, [class] and position embeddings (then CLIP's pre-LN)."""
+    def embed(self, pixel_values: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's input: patch, [class] and position embeddings (then CLIP's pre-LN).
+
+        patches: (batch, k) row-major indices of the patch tokens to keep, the rest dropped after
+        the position embeddings are added (FLIP's masking, see `random_patches`); a [class] token
+        is always kept."""
         x = self.embeddings(pixel_values)
+        if patches is not None:
+            x = select_patches(x, patches, int(self.cfg.class_token))
         return self.pre_layrnorm(x) if self.cfg.pre_norm else x
 
-    def forward(self, pixel_values: torch.Tensor, *, num_layers: int | None = None,
-                output_hidden_states: bool = False) -> VisionOutput:
-        """Encode images. num_layers: run only that many encoder layers (then `pooled` is None)."""
-        x = self.embed(pixel_values)
+    def forward(self, pixel_values: torch.Tensor, *, patches: torch.Tensor | None = None,
+                num_layers: int | None = None, output_hidden_states: bool = False) -> VisionOutput:
+        """Encode images. num_layers: run only that many encoder layers (then `pooled` is None);
+        patches: only these patch tokens (see `embed`)."""
+        x = self.embed(pixel_values, patches)
         states: list[torch.Tensor] | None = [] if output_hidden_states else None
         x = self.encoder(x, num_layers=num_layers, hidden_states=states)
         if num_layers is not None and num_layers < self.cfg.num_hidden_layers:
@@ -191,12 +226,12 @@ class VisionTransformer(nn.Module):
         x = self.post_layernorm(x)
         return VisionOutput(x, self.head(x) if self.cfg.pooling == "map" else None, states)
 
-    def pool(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
-        """`forward(pixel_values).pooled` with less work: with [class] pooling the last layer
-        computes the [class] token alone (mean and attention pooling read every token)."""
+    def pool(self, pixel_values: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`forward(pixel_values, patches=patches).pooled` with less work: with [class] pooling the
+        last layer computes the [class] token alone (mean and attention pooling read every token)."""
         if self.cfg.pooling != "cls":
-            return self(pixel_values).pooled
-        x = self.embed(pixel_values)
+            return self(pixel_values, patches=patches).pooled
+        x = self.embed(pixel_values, patches)
         keep = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
         return self.post_layernorm(self.encoder(x, keep=keep)[:, 0])
 
