@@ -81,7 +81,7 @@ def test_bad_patch_indices_are_named():
 
 def test_training_batches_draw_the_same_patches_on_any_split():
     """Each sample's patches come from (seed, sample index): one process with the whole batch and
-    two ranks with half each see the same patches, and the CLI's fraction reaches the tower."""
+    two ranks with half each see the same patches, and the batch's patches reach the image tower."""
     from PIL import Image
 
     from vlmlab.api import dual_encoder
