@@ -250,29 +250,87 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_clip(args: argparse.Namespace) -> int:
+def _new_or_init(args: argparse.Namespace):
+    """The dual encoder a `train clip` / `train attributes` run starts from: --init or a new LiT (--arch)."""
     from vlmlab.api import dual_encoder
     from vlmlab.models import lit
-    from vlmlab.train.clip import ClipRecipe, train_clip
-    from vlmlab.train.trainer import TrainConfig, distributed_teardown
 
     if args.init and args.arch:
         raise InputError("give --init (continue a model) or --arch (a new LiT model), not both")
     if args.init:
-        model = _dual_encoder(args.init)
-    else:
-        model = dual_encoder(lit.LiTNet.new(args.arch or "scenes-clip", seed=args.seed), lit, name=args.arch)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                      warmup_steps=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
-                      log_every=args.log_every, save_every=args.save_every, seed=args.seed)
+        return _dual_encoder(args.init)
+    return dual_encoder(lit.LiTNet.new(args.arch or "scenes-clip", seed=args.seed), lit, name=args.arch)
+
+
+def _train_config(args: argparse.Namespace):
+    from vlmlab.train.trainer import TrainConfig
+
+    groups = {}
+    for item in args.param_lr:
+        prefix, sep, value = item.rpartition("=")
+        try:
+            groups[prefix] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not prefix or groups[prefix] < 0:
+            raise InputError(f"--param-lr {item!r}: expected PREFIX=LR with a learning rate >= 0 "
+                             "(e.g. vision_model=0 to freeze the image tower)")
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       warmup_steps=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
+                       log_every=args.log_every, save_every=args.save_every, seed=args.seed, param_groups=groups)
+
+
+def _train_clip(args: argparse.Namespace) -> int:
+    from vlmlab.train.clip import ClipRecipe, train_clip
+    from vlmlab.train.trainer import distributed_teardown
+
+    model = _new_or_init(args)
     recipe = ClipRecipe(data=args.data, loss=args.loss, lock_image=args.lock_image, lock_text=args.lock_text,
                         scene_size=args.scene_size, multi_positive=args.multi_positive,
                         zoom=args.zoom, patch_keep=args.patch_keep)
-    logged = train_clip(model, recipe, cfg, args.out, resume=args.resume)
+    logged = train_clip(model, recipe, _train_config(args), args.out, resume=args.resume)
     distributed_teardown()
     if logged:
         print(f"step {logged[-1]['step']}: loss {logged[-1]['loss']:.4f}; model written to {Path(args.out) / 'model'}")
     return 0
+
+
+def _train_attributes(args: argparse.Namespace) -> int:
+    from vlmlab.train.attributes import EVAL_FILE, AttributeRecipe, train_attributes
+    from vlmlab.train.trainer import distributed_teardown
+
+    model = _new_or_init(args)
+    recipe = AttributeRecipe(patches=args.patches, unmask_steps=args.unmask_steps, scene_size=args.scene_size,
+                             eval_n=args.eval_n)
+    logged = train_attributes(model, recipe, _train_config(args), args.out, resume=args.resume)
+    distributed_teardown()
+    if logged:
+        print(f"step {logged[-1]['step']}: loss {logged[-1]['loss']:.4f}; model written to {Path(args.out) / 'model'}")
+    scores = Path(args.out) / EVAL_FILE
+    if args.eval_n and scores.is_file():
+        print(f"held-out accuracy: {scores.read_text().strip()}")
+    return 0
+
+
+def _add_train_options(p: argparse.ArgumentParser, *, lr: float, weight_decay: float) -> None:
+    """Options every `vlmlab train` subcommand shares: run folder, starting model, TrainConfig."""
+    p.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl, loss.png, model/")
+    p.add_argument("--init", default=None, help="start from this dual encoder (name or HF folder)")
+    p.add_argument("--arch", default=None, help="a new LiT model: ViT preset (default: scenes-clip)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch per optimiser step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=weight_decay)
+    p.add_argument("--param-lr", action="append", default=[], metavar="PREFIX=LR",
+                   help="peak learning rate of the parameters whose names start with PREFIX (0 freezes them; "
+                        "repeatable; the longest matching prefix wins)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -464,16 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc = tr_sub.add_parser("clip", help="contrastive training of a dual encoder (CLIP, SigLIP, LiT)")
     tc.add_argument("--data", default="scenes", help="'scenes' (generated on the fly) or an image-caption "
                                                       "JSONL file / folder (vlmlab data synth --format pairs)")
-    tc.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl, loss.png, model/")
-    tc.add_argument("--init", default=None, help="start from this dual encoder (name or HF folder)")
-    tc.add_argument("--arch", default=None, help="a new LiT model: ViT preset (default: scenes-clip)")
-    tc.add_argument("--steps", type=int, default=1000)
-    tc.add_argument("--batch-size", type=int, default=64, help="global batch per optimiser step")
-    tc.add_argument("--grad-accum", type=int, default=1)
-    tc.add_argument("--lr", type=float, default=1e-3)
-    tc.add_argument("--warmup", type=int, default=50)
-    tc.add_argument("--weight-decay", type=float, default=0.1)
-    tc.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    _add_train_options(tc, lr=1e-3, weight_decay=0.1)
     tc.add_argument("--loss", choices=["infonce", "sigmoid"], default="infonce")
     tc.add_argument("--lock-image", action="store_true", help="freeze the image tower and its projection")
     tc.add_argument("--lock-text", action="store_true", help="freeze the text tower and its projection (LiT)")
@@ -486,11 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--patch-keep", type=float, default=1.0,
                     help="train the image tower on this random fraction (0-1] of each image's patches, FLIP's "
                          "masking: about proportionally cheaper per image; inference sees every patch (default 1)")
-    tc.add_argument("--log-every", type=int, default=10)
-    tc.add_argument("--save-every", type=int, default=100)
-    tc.add_argument("--seed", type=int, default=0)
-    tc.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
     tc.set_defaults(func=_train_clip)
+    ta = tr_sub.add_parser("attributes", help="supervised warm start of a dual encoder's image tower: shape, "
+                                              "colour and size heads on single-object scenes")
+    _add_train_options(ta, lr=5e-4, weight_decay=0.05)
+    ta.add_argument("--patches", type=int, default=40,
+                    help="patches per image the tower trains on: every patch the object touches, then random "
+                         "others (0: all; default 40 of 196)")
+    ta.add_argument("--unmask-steps", type=int, default=0,
+                    help="the run's last N steps see every patch (FLIP's unmasked tuning; default 0)")
+    ta.add_argument("--scene-size", type=int, default=224, help="must equal the tower's image size")
+    ta.add_argument("--eval-n", type=int, default=500,
+                    help="held-out test scenes scored at the end, every patch in view (0: none)")
+    ta.set_defaults(func=_train_attributes)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web page (chat with images, embeddings)")
     sv.add_argument("--model", action="append", default=None,

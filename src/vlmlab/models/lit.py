@@ -28,15 +28,20 @@ TEXT_CACHE_SIZE = 200_000  # cached sentence embeddings (1.5 KB each)
 PROCESSOR = "clip"
 PAD_TO_MAX_LENGTH = False
 TEXT_TOWERS = {"all-MiniLM-L6-v2": minilm_path}
-# A [class] token is kept (a VLM may read it) but the embedding pools the mean of the patch
-# tokens: it learns in far fewer steps than [class]-token pooling at this size.
-VISION_SWITCHES = dict(class_token=True, pre_norm=True, patch_bias=False, pooling="mean")
+# A [class] token always; the embedding pools it ("cls") or the mean of the patch tokens ("mean"),
+# as config.json's `vision_pooling` says. Mean pooling learns in far fewer steps from scratch with
+# every patch in view; [class] pooling is what a tower trained on a few kept patches around an
+# object needs (`vlmlab train attributes`), where a mean would be mostly background. Folders
+# written before `vision_pooling` existed pooled the mean (LEGACY_POOLING).
+VISION_SWITCHES = dict(class_token=True, pre_norm=True, patch_bias=False)
+DEFAULT_POOLING = "mean"
+LEGACY_POOLING = "mean"
 
 # Named ViT sizes for new LiT models. `scenes-clip`: 6 layers of width 192 on 16-px patches of
 # 224-px images (196 patch tokens, small enough for the words of the scenes): 2.8 M parameters.
 PRESETS = {
     "scenes-clip": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=3,
-                        image_size=224, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-5),
+                        image_size=224, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-5, pooling="cls"),
 }
 
 
@@ -55,13 +60,16 @@ class LiTConfig:
         vision = hf.get("vision_config")
         if not isinstance(vision, dict):
             raise ConfigError("'vision_config' must be an object")
-        return cls(ViTConfig.from_hf(vision, **VISION_SWITCHES), tower, hf.get("projection_dim", 384),
+        pooling = hf.get("vision_pooling", LEGACY_POOLING)
+        if pooling not in ("cls", "mean"):
+            raise ConfigError(f"vision_pooling {pooling!r}: expected 'cls' or 'mean'")
+        return cls(ViTConfig.from_hf(vision, **VISION_SWITCHES, pooling=pooling), tower, hf.get("projection_dim", 384),
                    hf.get("logit_scale_init_value", 2.6592))
 
     def to_hf(self) -> dict[str, Any]:
         return {"architectures": list(HF_ARCHITECTURES), "model_type": "vlmlab-lit", "text_tower": self.text_tower,
                 "projection_dim": self.projection_dim, "logit_scale_init_value": self.logit_scale_init_value,
-                "vision_config": self.vision.to_hf()}
+                "vision_pooling": self.vision.pooling, "vision_config": self.vision.to_hf()}
 
 
 class LiTNet(DualEncoderNet):
@@ -86,7 +94,7 @@ class LiTNet(DualEncoderNet):
     @classmethod
     def new(cls, vision: str | dict[str, Any], seed: int = 0) -> "LiTNet":
         """A LiT model with a freshly initialised ViT: a named size (`PRESETS`) or HF-style vision
-        config fields. Init: truncated normal 0.02 for the embeddings, zero biases, PyTorch's default
+        config fields, plus `pooling` ("cls" or "mean", default DEFAULT_POOLING). Init: truncated normal 0.02 for the embeddings, zero biases, PyTorch's default
         for linear layers (a 0.02 init leaves the [class] token blind to the patches for hundreds
         of steps in a model this small), identity for the text projection."""
         if isinstance(vision, str):
@@ -94,7 +102,7 @@ class LiTNet(DualEncoderNet):
                 raise ConfigError(f"unknown LiT preset {vision!r}; expected one of {', '.join(PRESETS)}")
             vision = PRESETS[vision]
         torch.manual_seed(seed)
-        net = cls(LiTConfig(ViTConfig(**vision, **VISION_SWITCHES)))
+        net = cls(LiTConfig(ViTConfig(**{"pooling": DEFAULT_POOLING, **vision, **VISION_SWITCHES})))
         for name, p in net.named_parameters():
             if "embedding" in name:  # class, patch-position tables (linear layers keep PyTorch's init,
                 nn.init.trunc_normal_(p, std=0.02)  # which lets the [class] token see the patches early on)
