@@ -152,7 +152,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # (convert would copy an RGB image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,12 +425,12 @@ def to_pixel_values(arrays: list[np.ndarray], processor: Any) -> torch.Tensor:
     Each output value depends only on its byte and channel, so the arithmetic runs once on the
     256 byte values per channel and the batch is a table lookup: the same float32 results as
     computing every pixel, several times faster."""
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    table = _value_table(processor)  # (3, 256)
-    out = torch.empty(batch.shape, dtype=torch.float32)
-    for c in range(batch.shape[1]):
-        out[:, c] = table[c][batch[:, c].long()]
-    return out
+    batch = np.stack(arrays)  # (N, H, W, 3) uint8
+    table = _value_table(processor).numpy()  # (3, 256)
+    out = np.empty((batch.shape[0], 3, *batch.shape[1:3]), dtype=np.float32)
+    for c in range(3):  # numpy's take: single-threaded, several times faster than torch indexing here
+        np.take(table[c], batch[..., c], out=out[:, c])
+    return torch.from_numpy(out)
 
 
 def _value_table(processor: Any) -> torch.Tensor:
