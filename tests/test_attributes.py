@@ -190,3 +190,90 @@ def test_param_lr_sets_learning_rates_by_name_prefix():
     for bad in ("vision_model", "=0.1", "vision_model=fast", "vision_model=-1"):
         with pytest.raises(InputError, match="--param-lr"):
             _train_config(parser.parse_args(["train", "clip", "--out", "x", "--param-lr", bad]))
+
+
+# ---------------------------------------------------------------------------------------------
+# train clip --attributes: the attribute cross-entropy next to the contrastive loss
+
+
+def test_attribute_loss_skips_samples_that_do_not_show_an_attribute():
+    g = torch.Generator().manual_seed(1)
+    logits = {name: torch.randn(4, n, generator=g) for name, n in (("shape", 6), ("color", 8), ("size", 2))}
+    labels = torch.tensor([[0, 1, -1], [-1, -1, -1], [2, 3, -1], [1, 0, -1]])  # no size label at all
+    loss, metrics = attribute_loss(logits, labels)
+    ce = torch.nn.functional.cross_entropy
+    known = [0, 2, 3]
+    expected = (ce(logits["shape"][known], labels[known, 0], reduction="sum")
+                + ce(logits["color"][known], labels[known, 1], reduction="sum")) / 4 / 3  # per sample of 4, 3 attributes
+    torch.testing.assert_close(loss, expected)
+    assert metrics["acc_shape"] == float((logits["shape"][known].argmax(-1) == labels[known, 0]).float().mean())
+    assert "acc_size" not in metrics and torch.isfinite(loss)
+
+
+def test_scenes_examples_label_single_objects_only():
+    from vlmlab.train.clip import scenes_example, scenes_pair
+
+    for i in range(8):
+        image, text, labels = scenes_example(i)
+        assert (image.tobytes(), text) == (scenes_pair(i)[0].tobytes(), scenes_pair(i)[1])
+        if i % 2:  # a full scene with a caption: several objects, nothing to label
+            assert labels == (-1, -1, -1)
+        else:
+            from vlmlab.data.scenes import generate_sample
+
+            obj = generate_sample("classify", i // 2, "train").scenes[0].objects[0]
+            assert labels == (SHAPES.index(obj.shape), COLOR_NAMES.index(obj.color), SIZES.index(obj.size))
+    # A zoomed object no longer shows its size.
+    assert scenes_example(0, zoom=1.0)[2][:2] == scenes_example(0)[2][:2] and scenes_example(0, zoom=1.0)[2][2] == -1
+
+
+def test_clip_training_with_attribute_heads_resumes_exactly_and_saves_without_them(tmp_path, minilm_available,
+                                                                                   monkeypatch):
+    import vlmlab
+    import vlmlab.train.clip as clip
+    from vlmlab.train.clip import ClipRecipe, train_clip
+
+    recipe = ClipRecipe(data="scenes", scene_size=64, multi_positive=True, attributes=0.5)
+    cfg = dict(steps=6, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, save_every=2, seed=0)
+    model = _tiny_lit()
+    train_clip(model, recipe, TrainConfig(**cfg), tmp_path / "a", progress=False)
+    log = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    for row in log:
+        assert {"acc_shape", "acc_color", "attribute_loss", "contrastive_loss"} <= set(row)
+        assert row["loss"] == pytest.approx(row["contrastive_loss"] + 0.5 * row["attribute_loss"], abs=1e-5)
+    assert not hasattr(model.net, "attribute_heads")  # dropped after training
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a" / "model" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "attribute" in k]
+    with safe_open(str(tmp_path / "a" / "checkpoint.safetensors"), "pt") as f:
+        assert [k for k in f.keys() if "attribute_heads" in k]  # ... but kept in the checkpoint, for resume
+    saved = vlmlab.load(tmp_path / "a" / "model")
+    torch.testing.assert_close(saved.net.vision_model.state_dict(), model.net.vision_model.state_dict())
+
+    example = clip.scenes_example
+
+    def killed_in_step_5(index, *args):
+        if index >= 5 * 8:
+            raise KeyboardInterrupt
+        return example(index, *args)
+
+    monkeypatch.setattr(clip, "scenes_example", killed_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(_tiny_lit(), recipe, TrainConfig(**cfg), tmp_path / "b", progress=False)
+    monkeypatch.setattr(clip, "scenes_example", example)
+    resumed = _tiny_lit(seed=5)
+    train_clip(resumed, recipe, TrainConfig(**cfg), tmp_path / "b", resume=True, progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "b" / "metrics.jsonl")) == strip(log)
+    torch.testing.assert_close(resumed.net.state_dict(), model.net.state_dict(), rtol=0, atol=0)
+
+
+def test_clip_attributes_need_the_scenes(tmp_path, minilm_available):
+    from vlmlab.train.clip import ClipRecipe, train_clip
+
+    cfg = TrainConfig(steps=1, batch_size=2)
+    with pytest.raises(ConfigError, match="scenes data only"):
+        train_clip(_tiny_lit(), ClipRecipe(data=str(tmp_path), attributes=1.0), cfg, tmp_path / "x", progress=False)
+    with pytest.raises(ConfigError, match="non-negative"):
+        train_clip(_tiny_lit(), ClipRecipe(attributes=-1.0), cfg, tmp_path / "y", progress=False)

@@ -287,7 +287,7 @@ def _train_clip(args: argparse.Namespace) -> int:
     model = _new_or_init(args)
     recipe = ClipRecipe(data=args.data, loss=args.loss, lock_image=args.lock_image, lock_text=args.lock_text,
                         scene_size=args.scene_size, multi_positive=args.multi_positive,
-                        zoom=args.zoom, patch_keep=args.patch_keep)
+                        zoom=args.zoom, patch_keep=args.patch_keep, attributes=args.attributes)
     logged = train_clip(model, recipe, _train_config(args), args.out, resume=args.resume)
     distributed_teardown()
     if logged:
@@ -535,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--patch-keep", type=float, default=1.0,
                     help="train the image tower on this random fraction (0-1] of each image's patches, FLIP's "
                          "masking: about proportionally cheaper per image; inference sees every patch (default 1)")
+    tc.add_argument("--attributes", type=float, default=0.0, metavar="WEIGHT",
+                    help="scenes: add WEIGHT x the cross-entropy of shape / colour / size heads on the image "
+                         "embedding of the single-object pairs, so that aligning with captions does not unlearn "
+                         "what `train attributes` taught (the heads are not saved in the model; default 0)")
     tc.set_defaults(func=_train_clip)
     ta = tr_sub.add_parser("attributes", help="supervised warm start of a dual encoder's image tower: shape, "
                                               "colour and size heads on single-object scenes")

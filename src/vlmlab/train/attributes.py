@@ -47,6 +47,17 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLOR_NAMES,
 EVAL_FILE = "attributes_eval.json"
 
 
+def attribute_heads(dim: int) -> nn.ModuleDict:
+    """One linear classifier per attribute (ATTRIBUTES order) on a `dim`-wide embedding."""
+    return nn.ModuleDict({name: nn.Linear(dim, len(values)) for name, values in ATTRIBUTES.items()})
+
+
+def scene_labels(obj, *, size_visible: bool = True) -> tuple[int, int, int]:
+    """An object's (shape, colour, size) label indices into ATTRIBUTES; size -1 when not visible."""
+    return (ATTRIBUTES["shape"].index(obj.shape), ATTRIBUTES["color"].index(obj.color),
+            ATTRIBUTES["size"].index(obj.size) if size_visible else -1)
+
+
 class AttributeHeads(nn.Module):
     """An image tower with one linear classifier per attribute on its pooled embedding."""
 
@@ -55,8 +66,7 @@ class AttributeHeads(nn.Module):
         if tower.cfg.pooling not in ("cls", "mean", "map"):
             raise ConfigError(f"the image tower pools {tower.cfg.pooling!r}; attribute heads need a pooled embedding")
         self.tower = tower
-        self.heads = nn.ModuleDict({name: nn.Linear(tower.cfg.hidden_size, len(values))
-                                    for name, values in ATTRIBUTES.items()})
+        self.heads = attribute_heads(tower.cfg.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor, patches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         pooled = self.tower.pool(pixel_values, patches)
@@ -97,8 +107,7 @@ def labelled_scene(index: int, split: str, config: SceneConfig):
     """(image, (shape, colour, size) label indices, object box) of single-object scene `index`."""
     sample = classification_sample(index, split, config)
     obj = sample.scenes[0].objects[0]
-    labels = tuple(ATTRIBUTES[a].index(v) for a, v in (("shape", obj.shape), ("color", obj.color), ("size", obj.size)))
-    return sample.images[0], labels, obj.box
+    return sample.images[0], scene_labels(obj), obj.box
 
 
 def batch_fn(model: DualEncoder, recipe: AttributeRecipe, batch_size: int, seed: int = 0, steps: int | None = None):
@@ -123,11 +132,17 @@ def batch_fn(model: DualEncoder, recipe: AttributeRecipe, batch_size: int, seed:
 
 
 def attribute_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean of the per-attribute cross-entropies, and each attribute's batch accuracy."""
+    """The per-attribute cross-entropies summed over the labelled samples and divided by the batch
+    size (label -1: the sample does not show that attribute and adds 0), averaged over the
+    attributes; and each attribute's accuracy on its labelled samples. Dividing by the whole batch
+    keeps N processes with equal slices equal to one process with the whole batch."""
     losses, metrics = [], {}
     for j, (name, out) in enumerate(logits.items()):
-        losses.append(F.cross_entropy(out.float(), labels[:, j]))
-        metrics[f"acc_{name}"] = float((out.argmax(-1) == labels[:, j]).float().mean())
+        target = labels[:, j]
+        losses.append(F.cross_entropy(out.float(), target, ignore_index=-1, reduction="sum") / len(target))
+        known = target >= 0
+        if known.any():
+            metrics[f"acc_{name}"] = float((out[known].argmax(-1) == target[known]).float().mean())
     return torch.stack(losses).mean(), metrics
 
 

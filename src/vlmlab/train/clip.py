@@ -29,6 +29,7 @@ from vlmlab.data.scenes import SceneConfig, generate_sample
 from vlmlab.data.scenes.scene import derive_seed
 from vlmlab.errors import ConfigError, DataError
 from vlmlab.infer.dual import DualEncoder
+from vlmlab.train.attributes import attribute_heads, attribute_loss, scene_labels
 from vlmlab.train.losses import ContrastiveLoss, clamp_logit_scale
 from vlmlab.train.trainer import TrainConfig, Trainer
 from vlmlab.vision.vit import random_patches
@@ -43,6 +44,15 @@ def scenes_pair(index: int, split: str = "train", config: SceneConfig | None = N
 
     zoom: the fraction of single-object pairs seen through `zoom_crop` (the object drawn larger);
     their texts leave out "small"/"large", which a crop no longer shows."""
+    image, text, _ = scenes_example(index, split, config, zoom)
+    return image, text
+
+
+def scenes_example(index: int, split: str = "train", config: SceneConfig | None = None,
+                   zoom: float = 0.0) -> tuple[Any, str, tuple[int, int, int]]:
+    """`scenes_pair` with the (shape, colour, size) labels of a single-object pair's object
+    (`attributes.scene_labels`); -1 where the image does not show one object's attribute: every
+    label of a full-scene caption pair, the size of a zoomed object."""
     rng = random.Random(derive_seed("clip-pair", index))
     if index % 2 == 0:  # one object, named by some of its attributes
         s = generate_sample("classify", index // 2, split, config)
@@ -50,15 +60,16 @@ def scenes_pair(index: int, split: str = "train", config: SceneConfig | None = N
         zoomed = zoom > 0 and random.Random(derive_seed("clip-zoom", index)).random() < zoom
         if zoomed:
             image = zoom_crop(image, obj.box, random.Random(derive_seed("clip-zoom-crop", index)))
+        labels = scene_labels(obj, size_visible=not zoomed)
         r = rng.random()
         if r < 0.15:
-            return image, rng.choice(COLOR_PHRASES).format(obj.color)
+            return image, rng.choice(COLOR_PHRASES).format(obj.color), labels
         label = (obj.shape if r < 0.3 else f"{obj.color} {obj.shape}" if r < 0.65 or zoomed
                  else f"{obj.size} {obj.color} {obj.shape}")
-        return image, rng.choice(CLASS_PHRASES).format(label)
+        return image, rng.choice(CLASS_PHRASES).format(label), labels
     task = "caption_detailed" if rng.random() < 0.3 else "caption_short"
     s = generate_sample(task, index // 2, split, config)
-    return s.images[0], rng.choice(s.turns[-1].answer.value)
+    return s.images[0], rng.choice(s.turns[-1].answer.value), (-1, -1, -1)
 
 
 def zoom_crop(image, box: tuple[int, int, int, int], rng: random.Random, max_fill: float = 0.45):
@@ -114,6 +125,7 @@ class ClipRecipe:
     multi_positive: bool = False  # pairs with identical texts are all positives (see losses.py)
     zoom: float = 0.0  # scenes: the fraction of single-object pairs shown zoomed in (`zoom_crop`)
     patch_keep: float = 1.0  # the fraction of each image's patches the image tower trains on (FLIP)
+    attributes: float = 0.0  # scenes: weight of the attribute cross-entropy next to the contrastive loss
 
 
 def text_groups(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -124,15 +136,16 @@ def text_groups(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (real * weights).sum(-1)
 
 
-def batch_fn(model: DualEncoder, pair_at: Callable[[int], tuple[Any, str]], batch_size: int,
+def batch_fn(model: DualEncoder, pair_at: Callable[[int], tuple], batch_size: int,
              patch_keep: float = 1.0, seed: int = 0):
     """data(step, micro, rank, world, size): this rank's slice of the global batch of `step`:
-    (pixels, ids, mask, patches), patches None unless patch_keep < 1."""
+    (pixels, ids, mask, patches), patches None unless patch_keep < 1; when `pair_at` gives
+    (image, text, labels) triples (`scenes_example`), the labels (size, 3) follow."""
     patch = model.net.vision_model.cfg.patch_size
 
     def data(step: int, micro: int, rank: int, world: int, size: int):
         start = step * batch_size + (micro * world + rank) * size
-        images, texts = zip(*(pair_at(i) for i in range(start, start + size)))
+        images, texts, *labels = zip(*(pair_at(i) for i in range(start, start + size)))
         ids, mask = model.text_inputs(list(texts))
         pixels = model.processor(list(images))
         patches = None
@@ -140,7 +153,8 @@ def batch_fn(model: DualEncoder, pair_at: Callable[[int], tuple[Any, str]], batc
             n = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
             seeds = [derive_seed("clip-patches", seed, i) for i in range(start, start + size)]
             patches = random_patches(n, patch_keep, seeds)
-        return pixels, ids, mask, patches
+        batch = (pixels, ids, mask, patches)
+        return (*batch, torch.tensor(labels[0])) if labels else batch
 
     return data
 
@@ -160,12 +174,16 @@ def train_clip(model: DualEncoder, recipe: ClipRecipe, cfg: TrainConfig, out: st
         raise ConfigError(f"zoom = {recipe.zoom}: expected a fraction in [0, 1]")
     if not 0.0 < recipe.patch_keep <= 1.0:
         raise ConfigError(f"patch_keep = {recipe.patch_keep}: expected a fraction in (0, 1]")
+    if recipe.attributes < 0:
+        raise ConfigError(f"attributes = {recipe.attributes}: expected a non-negative loss weight")
     if recipe.data == "scenes":
         scene_cfg = SceneConfig(width=recipe.scene_size, height=recipe.scene_size)
-        pair_at = lambda i: scenes_pair(i, "train", scene_cfg, recipe.zoom)  # noqa: E731
+        example = scenes_example if recipe.attributes else scenes_pair
+        pair_at = lambda i: example(i, "train", scene_cfg, recipe.zoom)  # noqa: E731
     else:
-        if recipe.zoom:
-            raise ConfigError("zoom applies to the scenes data only (it needs each object's box)")
+        if recipe.zoom or recipe.attributes:
+            raise ConfigError("zoom and attributes apply to the scenes data only (they need each object's box "
+                              "and attributes)")
         pair_at = PairsFolder(recipe.data, cfg.seed)
     loss_fn = ContrastiveLoss(recipe.loss)
     if cfg.parallel != "ddp":  # the loss reads logit_scale outside the forward, where FSDP keeps it sharded
@@ -173,18 +191,37 @@ def train_clip(model: DualEncoder, recipe: ClipRecipe, cfg: TrainConfig, out: st
     if recipe.loss == "sigmoid" and getattr(net, "logit_bias", None) is None:
         raise ConfigError("the sigmoid (SigLIP) loss needs a model with a logit_bias (a SigLIP model)")
 
+    if recipe.attributes:
+        # Linear heads on the image embedding, trained with it and dropped from the saved model:
+        # a part of `net` while training, so that checkpoints, --param-lr prefixes and DDP see them.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            projection = getattr(net, "visual_projection", None)  # SigLIP has none: its pooled width
+            net.attribute_heads = attribute_heads(projection.out_features if projection is not None
+                                                  else net.vision_model.cfg.hidden_size)
+
     def step_fn(m, batch):
-        pixels, ids, mask, patches = batch
+        pixels, ids, mask, patches, *labels = batch
         img, txt = m(pixels, ids, mask, features=True, patches=patches)
         groups = text_groups(ids, mask) if recipe.multi_positive else None
         loss = loss_fn(img, txt, net.logit_scale, getattr(net, "logit_bias", None), groups=groups)
-        return loss, {"logit_scale": float(net.logit_scale.detach().exp())}
+        metrics = {"logit_scale": float(net.logit_scale.detach().exp())}
+        if labels:
+            extra, accuracy = attribute_loss({k: head(img) for k, head in net.attribute_heads.items()}, labels[0])
+            loss = loss + recipe.attributes * extra
+            metrics.update(contrastive_loss=float(loss.detach() - recipe.attributes * extra.detach()),
+                           attribute_loss=float(extra.detach()), **accuracy)
+        return loss, metrics
 
     net.requires_grad_(True)
     trainer = Trainer(net, step_fn, batch_fn(model, pair_at, cfg.batch_size, recipe.patch_keep, cfg.seed), cfg, out,
                       after_step=lambda m: clamp_logit_scale(m.logit_scale))
-    logged = trainer.fit(resume=resume, progress=progress)
-    net.requires_grad_(False)
+    try:
+        logged = trainer.fit(resume=resume, progress=progress)
+    finally:
+        net.requires_grad_(False)
+        if recipe.attributes:
+            del net.attribute_heads
     if trainer.is_main:
         model.save(Path(out) / "model")
     return logged
