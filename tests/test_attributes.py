@@ -2,6 +2,8 @@
 heads on single-object scenes, trained on the patches around the object)."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,6 +269,19 @@ def test_clip_training_with_attribute_heads_resumes_exactly_and_saves_without_th
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "b" / "metrics.jsonl")) == strip(log)
     torch.testing.assert_close(resumed.net.state_dict(), model.net.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_clip_attributes_under_torchrun_equal_one_process(tmp_path, minilm_available):
+    """The heads sit outside the forward that DDP wraps (as the temperature does) and their loss
+    is divided by the whole batch: 2 processes with 4 pairs each train as 1 process with 8."""
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from launch import assert_same_training, run_helper
+
+    run_helper("tiny_lit_attributes.py", tmp_path / "one", timeout=300)
+    run_helper("tiny_lit_attributes.py", tmp_path / "two", procs=2, port=29547, timeout=300)
+    assert_same_training(tmp_path / "one" / "metrics.jsonl", tmp_path / "two" / "metrics.jsonl",
+                         tmp_path / "one" / "model" / "model.safetensors", tmp_path / "two" / "model" / "model.safetensors")
 
 
 def test_clip_attributes_need_the_scenes(tmp_path, minilm_available):
