@@ -117,6 +117,18 @@ def test_bf16_autocast_trains_float32_weights(tmp_path):
         torch.testing.assert_close(w16[k], w32[k], rtol=0.05, atol=0.02, msg=k)
 
 
+def test_auto_precision_picks_bf16_only_where_the_device_has_it(tmp_path, monkeypatch):
+    import vlmlab.train.trainer as trainer_module
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(trainer_module, "fast_bfloat16", lambda device, native=native: native)
+        cfg = TrainConfig(steps=1, batch_size=8, precision="auto")
+        trainer_module.Trainer(tiny_clip(), lambda m, batch: None, lambda *where: None, cfg, tmp_path / expected)
+        assert cfg.precision == expected  # resolved once, for the run (and its checkpoint's record)
+    with pytest.raises(ConfigError, match="'fp32', 'bf16' or 'auto'"):
+        TrainConfig(steps=1, batch_size=1, precision="fp16")
+
+
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     one = make_trainer(tmp_path / "one", steps=2, grad_accum=1, batch_size=8)
     two = make_trainer(tmp_path / "two", steps=2, grad_accum=2, batch_size=8)

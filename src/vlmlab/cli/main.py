@@ -326,7 +326,9 @@ def _add_train_options(p: argparse.ArgumentParser, *, lr: float, weight_decay: f
     p.add_argument("--param-lr", action="append", default=[], metavar="PREFIX=LR",
                    help="peak learning rate of the parameters whose names start with PREFIX (0 freezes them; "
                         "repeatable; the longest matching prefix wins)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="bf16: autocast, fast only where the device multiplies bfloat16 natively (AVX-512 BF16, "
+                        "AMX, recent GPUs); auto: bf16 there, fp32 elsewhere (default fp32)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)

@@ -32,7 +32,7 @@ from torch import nn
 
 from vlmlab.checkpoints.hf import atomic_write
 from vlmlab.errors import CheckpointError, ConfigError
-from vlmlab.hardware import warn_if_slow_bfloat16
+from vlmlab.hardware import fast_bfloat16, warn_if_slow_bfloat16
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -51,7 +51,7 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float | None = 1.0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where the device multiplies it natively)
     log_every: int = 10
     save_every: int = 100
     seed: int = 0
@@ -63,8 +63,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"training option '{name}' must be a positive integer, got {value!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision {self.precision!r}: expected 'fp32' or 'bf16'")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"precision {self.precision!r}: expected 'fp32', 'bf16' or 'auto'")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"parallel {self.parallel!r}: expected 'ddp' or 'fsdp'")
         if self.lr <= 0 or self.warmup_steps < 0:
@@ -123,8 +123,11 @@ class Trainer:
         the trained weights at each checkpoint and at the end, so callers (saving, merging LoRA)
         see an ordinary module. `step_fn` and `after_step` get the sharded copy."""
         self.step_fn, self.data, self.cfg = step_fn, data, cfg
+        device = str(next(model.parameters()).device.type)
+        if cfg.precision == "auto":  # resolved here, where the device is known (the checkpoint records the choice)
+            cfg.precision = "bf16" if fast_bfloat16(device) else "fp32"
         if cfg.precision == "bf16":
-            warn_if_slow_bfloat16("bf16", str(next(model.parameters()).device.type), what="training (precision bf16)")
+            warn_if_slow_bfloat16("bf16", device, what="training (precision bf16)")
         self.out = Path(out)
         self.after_step = after_step
         self.rank, self.world = distributed_setup()
