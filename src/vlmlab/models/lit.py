@@ -94,9 +94,10 @@ class LiTNet(DualEncoderNet):
     @classmethod
     def new(cls, vision: str | dict[str, Any], seed: int = 0) -> "LiTNet":
         """A LiT model with a freshly initialised ViT: a named size (`PRESETS`) or HF-style vision
-        config fields, plus `pooling` ("cls" or "mean", default DEFAULT_POOLING). Init: truncated normal 0.02 for the embeddings, zero biases, PyTorch's default
-        for linear layers (a 0.02 init leaves the [class] token blind to the patches for hundreds
-        of steps in a model this small), identity for the text projection."""
+        config fields, plus `pooling` ("cls" or "mean", default DEFAULT_POOLING). Init: truncated
+        normal 0.02 for the embeddings, zero biases, PyTorch's default for linear layers (a 0.02
+        init leaves the [class] token blind to the patches for hundreds of steps in a model this
+        small), identity for the text projection."""
         if isinstance(vision, str):
             if vision not in PRESETS:
                 raise ConfigError(f"unknown LiT preset {vision!r}; expected one of {', '.join(PRESETS)}")

@@ -17,8 +17,9 @@ embedding, cross-entropy on single-object scenes. Two things make it affordable 
 
 Shape then starts to be learnt after some 50k images and keeps improving with more. The result
 is the whole dual encoder again (`out/model`, the image tower trained, everything else as it
-came), which `vlmlab train clip --init out/model` aligns with the text tower; the heads stay in
-the run's checkpoint. Evaluation: `evaluate_attributes` (accuracy per attribute on held-out
+came), which `vlmlab train clip --init out/model` aligns with the text tower (`--attributes W`
+keeps an attribute loss while it does, so that shape is not unlearnt); the heads stay in the
+run's checkpoint. Evaluation: `evaluate_attributes` (accuracy per attribute on held-out
 scenes with every patch in view, as inference sees them), run at the end into
 `out/attributes_eval.json`.
 """
@@ -184,7 +185,8 @@ def train_attributes(model: DualEncoder, recipe: AttributeRecipe, cfg: TrainConf
         pixels, labels, patches = batch
         return attribute_loss(m(pixels, patches), labels)
 
-    trainer = Trainer(heads, step_fn, batch_fn(model, recipe, cfg.batch_size, cfg.seed, cfg.steps), cfg, out, samples_per_batch="images")
+    trainer = Trainer(heads, step_fn, batch_fn(model, recipe, cfg.batch_size, cfg.seed, cfg.steps), cfg, out,
+                      samples_per_batch="images")
     logged = trainer.fit(resume=resume, progress=progress)
     heads.requires_grad_(False)
     if trainer.is_main:

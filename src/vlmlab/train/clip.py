@@ -208,9 +208,8 @@ def train_clip(model: DualEncoder, recipe: ClipRecipe, cfg: TrainConfig, out: st
         metrics = {"logit_scale": float(net.logit_scale.detach().exp())}
         if labels:
             extra, accuracy = attribute_loss({k: head(img) for k, head in net.attribute_heads.items()}, labels[0])
+            metrics.update(contrastive_loss=float(loss.detach()), attribute_loss=float(extra.detach()), **accuracy)
             loss = loss + recipe.attributes * extra
-            metrics.update(contrastive_loss=float(loss.detach() - recipe.attributes * extra.detach()),
-                           attribute_loss=float(extra.detach()), **accuracy)
         return loss, metrics
 
     net.requires_grad_(True)
