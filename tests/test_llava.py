@@ -210,3 +210,50 @@ def test_ask_generates_what_transformers_generates(vlm_folder, tmp_path):
     vlm.save(tmp_path / "saved")
     again = vlmlab.load(tmp_path / "saved")
     assert again.ask("what is here?", images=images, max_new_tokens=8, stop_token_ids=[]).token_ids == result.token_ids
+
+
+def test_pixel_shuffle_folds_patch_features(vlm_folder, tmp_path):
+    """pixel_shuffle=2: every 2x2 block of patch features becomes one token (a 4x4 grid -> 4
+    tokens per image), the projector reads 4x wider features, prompts get 4 placeholders per
+    image, and the setting survives save/load (config.json's vlmlab_pixel_shuffle)."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    import vlmlab
+    from vlmlab.checkpoints.hf import read_config
+    from vlmlab.connectors.pixel_shuffle import pixel_shuffle
+    from vlmlab.infer.explain import explain
+    from vlmlab.infer.vlm import VisionLanguageModel
+
+    folder, _, image_id = vlm_folder
+    base = vlmlab.load(folder)
+    cfg = dataclasses.replace(base.net.cfg, pixel_shuffle=2, image_seq_length=None)
+    assert cfg.image_seq_length == 4 and cfg.patch_size_in_features == 16
+    torch.manual_seed(1)
+    net = LlavaNet(cfg).eval()
+    assert net.multi_modal_projector.linear_1.in_features == 4 * VISION["hidden_size"]
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        patches = net.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]  # (2, 16, 32)
+        folded = pixel_shuffle(patches, 2)
+        # token (0, 0) = patches (0, 0), (0, 1), (1, 0), (1, 1) of the 4x4 grid, in that order
+        assert torch.equal(folded[:, 0], torch.cat([patches[:, i] for i in (0, 1, 4, 5)], -1))
+        torch.testing.assert_close(net.image_features(px), net.multi_modal_projector(folded))
+    vlm = VisionLanguageModel(net, base.tokenizer, base.processor, name="shuffled")
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)) for i in range(2)]
+    ids, prefill = vlm._prepare(["<image><image>\nwhat is here?"], system=None, chat=True, images=[images])
+    assert ids[0].count(image_id) == 2 * 4
+    result = vlm.ask("what is here?", images=images, max_new_tokens=6, stop_token_ids=[])
+    vlm.save(tmp_path / "saved")
+    assert read_config(tmp_path / "saved")["vlmlab_pixel_shuffle"] == 2
+    again = vlmlab.load(tmp_path / "saved")
+    assert again.net.cfg.pixel_shuffle == 2
+    assert again.ask("what is here?", images=images, max_new_tokens=6, stop_token_ids=[]).token_ids == result.token_ids
+    assert explain(vlm, "what is here?", images[0], max_new_tokens=2, stop_token_ids=[]).heat.shape == (2, 2)
+    for bad, match in ((3, "multiple of 3"), (0, "positive integer"), (True, "positive integer")):
+        with pytest.raises(ConfigError, match=match):
+            dataclasses.replace(cfg, pixel_shuffle=bad, image_seq_length=None)
+    with pytest.raises(ConfigError, match=r"\[class\] token"):
+        dataclasses.replace(cfg, vision_feature_select_strategy="full")

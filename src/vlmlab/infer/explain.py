@@ -30,7 +30,7 @@ from vlmlab.vision.preprocess import load_image
 @dataclass
 class Explanation:
     result: GenerationResult  # the answer
-    heat: np.ndarray  # (rows, cols) attention weight per image patch, summing to 1
+    heat: np.ndarray  # (rows, cols) attention per image feature (patch or pixel-shuffled block), sums to 1
     image: Image.Image  # the original image
     view: tuple[float, float, float, float]  # the region of `image` the model saw
 
@@ -71,8 +71,7 @@ def explain(model: VisionLanguageModel, question: str, image: Any, **generation:
         probs = layer[0][0][:, queries][:, :, slots]  # (heads, answer tokens, image features)
         weights.append((probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)).mean((0, 1)))
     heat = torch.stack(weights).mean(0)
-    vision = net.cfg.vision
-    rows, cols = (s // vision.patch_size for s in extra["pixel_values"].shape[-2:])
+    rows, cols = (s // net.cfg.patch_size_in_features for s in extra["pixel_values"].shape[-2:])
     if heat.numel() == rows * cols + 1:  # the [class] token kept ("full" strategy): not a place
         heat = heat[1:]
     if heat.numel() != rows * cols:

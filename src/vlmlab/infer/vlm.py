@@ -100,8 +100,8 @@ class VisionLanguageModel(LanguageModel):
         return self.net.cfg.image_token_id
 
     def features_per_image(self, pixel_values: torch.Tensor) -> int:
-        vision = self.net.cfg.vision
-        grid = (pixel_values.shape[-2] // vision.patch_size) * (pixel_values.shape[-1] // vision.patch_size)
+        vision, fold = self.net.cfg.vision, self.net.cfg.patch_size_in_features
+        grid = (pixel_values.shape[-2] // fold) * (pixel_values.shape[-1] // fold)
         keep_first = self.net.cfg.vision_feature_select_strategy == "full"
         return grid + int(vision.class_token and keep_first)
 

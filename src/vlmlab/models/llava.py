@@ -6,7 +6,10 @@ into as many placeholders as the image gives features); the model embeds the pro
 projected features over the placeholders in order, and runs the language model on the result.
 Features come from any vision layer (`vision_feature_layer`, HF indexing: -2 = penultimate, or a
 list whose features are concatenated), with or without the first ([class]) token
-(`vision_feature_select_strategy` "default" drops it, "full" keeps it).
+(`vision_feature_select_strategy` "default" drops it, "full" keeps it). `pixel_shuffle` = s > 1
+folds every s x s block of patch features into one token before the projector (as Idefics3's
+connector): s**2 times fewer image tokens for the language model to read. transformers' LLaVA has
+no such step; vlmlab writes it to config.json as `vlmlab_pixel_shuffle`.
 
 Loads Hugging Face `LlavaForConditionalGeneration` folders in every layout transformers has
 written: 5.x (`language_model.model.*`, `vision_tower.*`), 4.52-4.57
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
+from vlmlab.connectors.pixel_shuffle import pixel_shuffle
 from vlmlab.connectors.projector import Projector
 from vlmlab.errors import ConfigError
 from vlmlab.fusion.placeholders import PlaceholderVLM
@@ -30,6 +34,7 @@ from vlmlab.text.llama import LlamaConfig, LlamaForCausalLM
 from vlmlab.vision.vit import ViTConfig, VisionTransformer
 
 HF_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+PIXEL_SHUFFLE_FIELD = "vlmlab_pixel_shuffle"  # config.json: a vlmlab LLaVA's pixel shuffle (absent: 1)
 
 # vision_config.model_type -> (HF defaults, ViT switches) of that tower family
 VISION_FAMILIES = {
@@ -49,7 +54,8 @@ class LlavaConfig:
     vision_feature_layer: int | list[int] = -2
     vision_feature_select_strategy: str = "default"  # "default": drop the first token; "full": keep it
     image_token_id: int = 32000
-    image_seq_length: int = 576
+    image_seq_length: int | None = None  # features per image; None: the tower's grid after the shuffle
+    pixel_shuffle: int = 1  # s > 1: s x s neighbouring patch features -> one token (not in transformers)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,11 +66,24 @@ class LlavaConfig:
         n = self.vision.num_hidden_layers
         if not layers or any(not isinstance(i, int) or not -n - 1 <= i <= n for i in layers):
             raise ConfigError(f"vision_feature_layer {self.vision_feature_layer!r} is out of range for {n} layers")
+        s = self.pixel_shuffle
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ConfigError(f"pixel_shuffle must be a positive integer, got {s!r}")
+        if s > 1 and (self.vision.grid % s or (self.vision.class_token and self.vision_feature_select_strategy == "full")):
+            raise ConfigError(f"pixel_shuffle {s} needs a patch grid whose side ({self.vision.grid}) is a multiple of "
+                              f"{s} and no [class] token among the features (vision_feature_select_strategy 'default')")
+        if self.image_seq_length is None:
+            self.image_seq_length = (self.vision.grid // s) ** 2
 
     @property
     def feature_layers(self) -> list[int]:
         layer = self.vision_feature_layer
         return [layer] if isinstance(layer, int) else list(layer)
+
+    @property
+    def patch_size_in_features(self) -> int:
+        """Pixels per image feature along each side (the patch, times the pixel shuffle)."""
+        return self.vision.patch_size * self.pixel_shuffle
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "LlavaConfig":
@@ -89,6 +108,7 @@ class LlavaConfig:
             vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
             image_token_id=image_token,
             image_seq_length=hf.get("image_seq_length", 576),
+            pixel_shuffle=hf.get(PIXEL_SHUFFLE_FIELD, 1),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -96,6 +116,7 @@ class LlavaConfig:
         if not self.projector.startswith("mlp2x_"):
             raise ConfigError(f"HF's LLaVA layout has a 2-layer projector; {self.projector!r} cannot be saved in it")
         text = self.text.to_hf()
+        shuffle = {PIXEL_SHUFFLE_FIELD: self.pixel_shuffle} if self.pixel_shuffle > 1 else {}
         return {
             "architectures": list(HF_ARCHITECTURES), "model_type": "llava",
             "vision_config": {**self.vision.to_hf(), "model_type": self.vision_model_type},
@@ -103,7 +124,7 @@ class LlavaConfig:
             "multimodal_projector_bias": self.projector_bias, "vision_feature_layer": self.vision_feature_layer,
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
             "image_token_index": self.image_token_id, "image_seq_length": self.image_seq_length,
-            "tie_word_embeddings": text.get("tie_word_embeddings", False),
+            "tie_word_embeddings": text.get("tie_word_embeddings", False), **shuffle,
         }
 
 
@@ -115,7 +136,7 @@ class LlavaNet(PlaceholderVLM):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = VisionTransformer(cfg.vision)
-        width = cfg.vision.hidden_size * len(cfg.feature_layers)
+        width = cfg.vision.hidden_size * len(cfg.feature_layers) * cfg.pixel_shuffle**2
         self.multi_modal_projector = Projector(cfg.projector, width, cfg.text.hidden_size, cfg.projector_bias)
         self.language_model = language_model if language_model is not None else LlamaForCausalLM(cfg.text)
 
@@ -128,7 +149,10 @@ class LlavaNet(PlaceholderVLM):
         picked = [states[i] for i in indices]
         if self.cfg.vision_feature_select_strategy == "default":
             picked = [h[:, 1:] for h in picked]
-        return self.multi_modal_projector(torch.cat(picked, dim=-1))
+        features = torch.cat(picked, dim=-1)
+        if self.cfg.pixel_shuffle > 1:
+            features = pixel_shuffle(features, self.cfg.pixel_shuffle)
+        return self.multi_modal_projector(features)
 
     # ---- checkpoints ----
 

@@ -241,7 +241,8 @@ def build_model(spec: dict[str, Any]) -> VisionLanguageModel:
 
 def new_llava(*, vision: dict[str, Any], text: dict[str, Any], tokenizer: str = "smollm2",
               image_token: str = "<image>", projector: str = "mlp2x_gelu", vision_feature_layer: int = -1,
-              vision_feature_select_strategy: str = "default", seed: int = 0) -> VisionLanguageModel:
+              vision_feature_select_strategy: str = "default", pixel_shuffle: int = 1,
+              seed: int = 0) -> VisionLanguageModel:
     """A LLaVA with every weight new (HF's init: normal(0, 0.02) matrices and embeddings, zero
     biases, unit norms): a CLIP-style ViT from `vision` fields, a Llama decoder from `text` HF
     fields, sized to the vocabulary of `tokenizer` (the tokenizer and chat template of that
@@ -266,7 +267,7 @@ def new_llava(*, vision: dict[str, Any], text: dict[str, Any], tokenizer: str = 
     cfg = LlavaConfig(vision_cfg, LlamaConfig.from_hf(text), projector=projector,
                       vision_feature_layer=vision_feature_layer,
                       vision_feature_select_strategy=vision_feature_select_strategy, image_token_id=token_id,
-                      image_seq_length=vision_cfg.grid**2)
+                      pixel_shuffle=pixel_shuffle)
     torch.manual_seed(seed)
     net = LlavaNet(cfg)
     for module in net.modules():
