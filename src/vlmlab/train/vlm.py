@@ -308,7 +308,7 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
         name = stage.get("name", f"stage{i}")
         cfg = _stage_config({**stage, **({"parallel": parallel} if parallel else {})})
         if "lora" in stage:
-            lora_used, adapted = _add_lora(net, stage["lora"])
+            lora_used, adapted = _add_lora(net, stage["lora"], seed=cfg.seed + i)
             lr = stage["lora"].get("lr", cfg.lr)
             adapters = {k: v for k, v in lora_param_groups(adapted, lr).items() if k}  # not its "" = 0
             cfg.param_groups = {**cfg.param_groups, **adapters}
@@ -347,9 +347,10 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
     return model
 
 
-def _add_lora(net: nn.Module, spec: dict[str, Any]):
+def _add_lora(net: nn.Module, spec: dict[str, Any], seed: int):
     """(LoRAConfig, adapted module names): adapters added per `spec` (fields of LoRAConfig, plus
-    `lr`), or the ones an earlier stage added."""
+    `lr`), initialised from `seed` alone (a run resumed after an earlier stage starts this one as
+    the uninterrupted run did), or the ones an earlier stage added."""
     from vlmlab.nn.lora import LoRAConfig, LoRALinear, apply_lora
 
     spec = {k: v for k, v in spec.items() if k != "lr"}
@@ -360,7 +361,11 @@ def _add_lora(net: nn.Module, spec: dict[str, Any]):
     except TypeError as e:
         raise ConfigError(f"lora: {e}") from None
     existing = [n for n, m in net.named_modules() if isinstance(m, LoRALinear)]
-    return cfg, existing or apply_lora(net, cfg)
+    if existing:
+        return cfg, existing
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cfg, apply_lora(net, cfg)
 
 
 __all__ = ["IGNORE_INDEX", "ChatBatcher", "build_model", "chat_tokens", "load_recipe", "next_token_step",
