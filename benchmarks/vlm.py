@@ -3,7 +3,8 @@
 
 Both libraries run the same weights, from one Hugging Face LLaVA folder (float32) each loads:
 
-* ask: by default the assembled default-model architecture, `vlmlab.assemble("scenes-clip",
+* ask: by default scenes-smol v0's architecture (196 image features; v1's pixel shuffle is a vlmlab
+  extension transformers cannot load, so the like-for-like comparison keeps 196), `vlmlab.assemble("scenes-clip",
   "smollm2", image_token="<empty_output>", vision_feature_layer=-1)` (scenes-clip's ViT, 224 px,
   patch 16; SmolLM2-135M; a new mlp2x_gelu projector), saved with `.save()`; `--model DIR` takes
   any saved LLaVA folder instead. One 224-px scene image per prompt, a question of exactly 32

@@ -123,7 +123,7 @@ class Trainer:
         the trained weights at each checkpoint and at the end, so callers (saving, merging LoRA)
         see an ordinary module. `step_fn` and `after_step` get the sharded copy."""
         self.step_fn, self.data, self.cfg = step_fn, data, cfg
-        device = str(next(model.parameters()).device.type)
+        device = next(model.parameters()).device.type
         if cfg.precision == "auto":  # resolved here, where the device is known (the checkpoint records the choice)
             cfg.precision = "bf16" if fast_bfloat16(device) else "fp32"
         if cfg.precision == "bf16":
