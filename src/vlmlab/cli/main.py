@@ -301,7 +301,7 @@ def _train_attributes(args: argparse.Namespace) -> int:
 
     model = _new_or_init(args)
     recipe = AttributeRecipe(patches=args.patches, unmask_steps=args.unmask_steps, scene_size=args.scene_size,
-                             eval_n=args.eval_n)
+                             eval_n=args.eval_n, dense_layer=args.dense)
     logged = train_attributes(model, recipe, _train_config(args), args.out, resume=args.resume)
     distributed_teardown()
     if logged:
@@ -553,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--scene-size", type=int, default=224, help="must equal the tower's image size")
     ta.add_argument("--eval-n", type=int, default=500,
                     help="held-out test scenes scored at the end, every patch in view (0: none)")
+    ta.add_argument("--dense", type=int, default=None, metavar="LAYER",
+                    help="per-patch heads on this layer's patch tokens (HF indexing, -1 = last) on multi-object "
+                         "scenes: each patch names the shape (or background), colour and size of the object under "
+                         "it; for towers a VLM reads patch by patch (--patches is then ignored)")
     ta.set_defaults(func=_train_attributes)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web page (chat with images, embeddings)")
