@@ -257,3 +257,50 @@ def test_pixel_shuffle_folds_patch_features(vlm_folder, tmp_path):
             dataclasses.replace(cfg, pixel_shuffle=bad, image_seq_length=None)
     with pytest.raises(ConfigError, match=r"\[class\] token"):
         dataclasses.replace(cfg, vision_feature_select_strategy="full")
+
+
+def test_feature_norm_standardises_the_projector_input(vlm_folder, tmp_path):
+    """feature_norm: the projector reads (x - mean) / std of its inputs, with statistics measured
+    by calibrate_feature_norm on sample images (each channel then has mean 0, std 1 over them),
+    saved as buffers and config.json's vlmlab_feature_norm; a folder missing them is refused."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    import vlmlab
+    from vlmlab.infer.vlm import VisionLanguageModel
+
+    folder, _, _ = vlm_folder
+    base = vlmlab.load(folder)
+    cfg = dataclasses.replace(base.net.cfg, feature_norm=True)
+    torch.manual_seed(1)
+    net = LlavaNet(cfg).eval()
+    px = torch.randn(6, 3, 32, 32)
+    inputs = net.projector_inputs(px)
+    with torch.no_grad():  # new: the identity
+        torch.testing.assert_close(net.image_features(px), net.multi_modal_projector(inputs))
+    net.calibrate_feature_norm(px)
+    standard = (inputs - net.feature_norm.mean) / net.feature_norm.std
+    flat = standard.reshape(-1, standard.shape[-1])
+    torch.testing.assert_close(flat.mean(0), torch.zeros(flat.shape[-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(0), torch.ones(flat.shape[-1]), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(net.image_features(px), net.multi_modal_projector(standard))
+    vlm = VisionLanguageModel(net, base.tokenizer, base.processor, name="standardised")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    result = vlm.ask("what is here?", images=[image], max_new_tokens=6, stop_token_ids=[])
+    vlm.save(tmp_path / "saved")
+    assert read_config(tmp_path / "saved")["vlmlab_feature_norm"] is True
+    again = vlmlab.load(tmp_path / "saved")
+    assert torch.equal(again.net.feature_norm.std, net.feature_norm.std)
+    assert again.ask("what is here?", images=[image], max_new_tokens=6, stop_token_ids=[]).token_ids == result.token_ids
+    tensors, _ = read_safetensors(tmp_path / "saved")
+    tensors.pop("feature_norm.mean")
+    write_safetensors(tmp_path / "saved" / "model.safetensors", tensors)
+    with pytest.raises(CheckpointError, match="feature_norm.mean"):
+        vlmlab.load(tmp_path / "saved")
+    with pytest.raises(ConfigError, match="feature_norm"):
+        dataclasses.replace(cfg, feature_norm="yes")
+    with pytest.raises(ConfigError, match="no feature_norm"):
+        base.net.calibrate_feature_norm(px)

@@ -397,3 +397,26 @@ def test_resume_between_stages_gives_the_same_lora_start(tmp_path, monkeypatch):
     assert strip(read_metrics(tmp_path / "a" / "1-t" / METRICS)) == strip(read_metrics(tmp_path / "b" / "1-t" / METRICS))
     for (k, v), (_, w) in zip(straight.net.state_dict().items(), resumed.net.state_dict().items()):
         assert torch.equal(v, w), k
+
+
+def test_recipe_calibrates_feature_norm_on_the_first_stage_images(tmp_path):
+    """A new model with feature_norm: before training, the statistics are those of the projector
+    inputs of the first stage's first `calibration_images` images, and they are saved."""
+    recipe = micro_recipe(steps=1)
+    recipe["model"] = {"new": {**recipe["model"]["new"], "feature_norm": True}, "calibration_images": 5}
+    model = new_llava(**recipe["model"]["new"])
+    source = sample_source(recipe["stages"][0]["data"])
+    with torch.no_grad():
+        inputs = model.net.projector_inputs(model.image_inputs([source(i).images[0] for i in range(5)])[0])
+    trained = train_recipe(recipe, tmp_path / "o", progress=False)
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    torch.testing.assert_close(trained.net.feature_norm.mean, flat.mean(0))
+    torch.testing.assert_close(trained.net.feature_norm.std, flat.std(0) + 1e-6)
+    import vlmlab
+    assert torch.equal(vlmlab.load(tmp_path / "o" / "model").net.feature_norm.mean, trained.net.feature_norm.mean)
+    recipe["model"]["calibration_images"] = 1
+    with pytest.raises(ConfigError, match="calibration_images"):
+        train_recipe(recipe, tmp_path / "p", progress=False)
+    recipe["model"]["calibrate"] = 1
+    with pytest.raises(ConfigError, match=r"\[model\]: unknown field.*calibrate"):
+        train_recipe(recipe, tmp_path / "p", progress=False)

@@ -8,8 +8,10 @@ Features come from any vision layer (`vision_feature_layer`, HF indexing: -2 = p
 list whose features are concatenated), with or without the first ([class]) token
 (`vision_feature_select_strategy` "default" drops it, "full" keeps it). `pixel_shuffle` = s > 1
 folds every s x s block of patch features into one token before the projector (as Idefics3's
-connector): s**2 times fewer image tokens for the language model to read. transformers' LLaVA has
-no such step; vlmlab writes it to config.json as `vlmlab_pixel_shuffle`.
+connector): s**2 times fewer image tokens for the language model to read. `feature_norm` standardises
+the projector's input per channel with statistics measured on sample images (`calibrate_feature_norm`;
+buffers `feature_norm.mean` / `.std`; see `connectors.projector.Standardize`). transformers' LLaVA
+has neither step; vlmlab writes them to config.json as `vlmlab_pixel_shuffle` / `vlmlab_feature_norm`.
 
 Loads Hugging Face `LlavaForConditionalGeneration` folders in every layout transformers has
 written: 5.x (`language_model.model.*`, `vision_tower.*`), 4.52-4.57
@@ -26,7 +28,7 @@ import torch
 
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
 from vlmlab.connectors.pixel_shuffle import pixel_shuffle
-from vlmlab.connectors.projector import Projector
+from vlmlab.connectors.projector import Projector, Standardize
 from vlmlab.errors import ConfigError
 from vlmlab.fusion.placeholders import PlaceholderVLM
 from vlmlab.models import clip, siglip
@@ -35,6 +37,7 @@ from vlmlab.vision.vit import ViTConfig, VisionTransformer
 
 HF_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 PIXEL_SHUFFLE_FIELD = "vlmlab_pixel_shuffle"  # config.json: a vlmlab LLaVA's pixel shuffle (absent: 1)
+FEATURE_NORM_FIELD = "vlmlab_feature_norm"  # config.json: standardised projector input (absent: false)
 
 # vision_config.model_type -> (HF defaults, ViT switches) of that tower family
 VISION_FAMILIES = {
@@ -56,6 +59,7 @@ class LlavaConfig:
     image_token_id: int = 32000
     image_seq_length: int | None = None  # features per image; None: the tower's grid after the shuffle
     pixel_shuffle: int = 1  # s > 1: s x s neighbouring patch features -> one token (not in transformers)
+    feature_norm: bool = False  # standardise the projector's input with saved statistics (not in transformers)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,6 +76,8 @@ class LlavaConfig:
         if s > 1 and (self.vision.grid % s or (self.vision.class_token and self.vision_feature_select_strategy == "full")):
             raise ConfigError(f"pixel_shuffle {s} needs a patch grid whose side ({self.vision.grid}) is a multiple of "
                               f"{s} and no [class] token among the features (vision_feature_select_strategy 'default')")
+        if not isinstance(self.feature_norm, bool):
+            raise ConfigError(f"feature_norm must be true or false, got {self.feature_norm!r}")
         if self.image_seq_length is None:
             self.image_seq_length = (self.vision.grid // s) ** 2
 
@@ -109,6 +115,7 @@ class LlavaConfig:
             image_token_id=image_token,
             image_seq_length=hf.get("image_seq_length", 576),
             pixel_shuffle=hf.get(PIXEL_SHUFFLE_FIELD, 1),
+            feature_norm=hf.get(FEATURE_NORM_FIELD, False),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -116,7 +123,9 @@ class LlavaConfig:
         if not self.projector.startswith("mlp2x_"):
             raise ConfigError(f"HF's LLaVA layout has a 2-layer projector; {self.projector!r} cannot be saved in it")
         text = self.text.to_hf()
-        shuffle = {PIXEL_SHUFFLE_FIELD: self.pixel_shuffle} if self.pixel_shuffle > 1 else {}
+        extensions = {PIXEL_SHUFFLE_FIELD: self.pixel_shuffle} if self.pixel_shuffle > 1 else {}
+        if self.feature_norm:
+            extensions[FEATURE_NORM_FIELD] = True
         return {
             "architectures": list(HF_ARCHITECTURES), "model_type": "llava",
             "vision_config": {**self.vision.to_hf(), "model_type": self.vision_model_type},
@@ -124,7 +133,7 @@ class LlavaConfig:
             "multimodal_projector_bias": self.projector_bias, "vision_feature_layer": self.vision_feature_layer,
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
             "image_token_index": self.image_token_id, "image_seq_length": self.image_seq_length,
-            "tie_word_embeddings": text.get("tie_word_embeddings", False), **shuffle,
+            "tie_word_embeddings": text.get("tie_word_embeddings", False), **extensions,
         }
 
 
@@ -137,11 +146,27 @@ class LlavaNet(PlaceholderVLM):
         self.cfg = cfg
         self.vision_tower = VisionTransformer(cfg.vision)
         width = cfg.vision.hidden_size * len(cfg.feature_layers) * cfg.pixel_shuffle**2
+        if cfg.feature_norm:
+            self.feature_norm = Standardize(width)
         self.multi_modal_projector = Projector(cfg.projector, width, cfg.text.hidden_size, cfg.projector_bias)
         self.language_model = language_model if language_model is not None else LlamaForCausalLM(cfg.text)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, features per image, LM width): the selected layers' tokens, projected."""
+        features = self.projector_inputs(pixel_values)
+        if self.cfg.feature_norm:
+            features = self.feature_norm(features)
+        return self.multi_modal_projector(features)
+
+    @torch.no_grad()
+    def calibrate_feature_norm(self, pixel_values: torch.Tensor) -> None:
+        """Measure `feature_norm`'s statistics on the projector inputs of these sample images."""
+        if not self.cfg.feature_norm:
+            raise ConfigError("calibrate_feature_norm: this model has no feature_norm (config feature_norm = false)")
+        self.feature_norm.calibrate(self.projector_inputs(pixel_values))
+
+    def projector_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, features per image, width): the selected layers' tokens, concatenated and shuffled."""
         n = self.cfg.vision.num_hidden_layers
         indices = [i if i >= 0 else n + 1 + i for i in self.cfg.feature_layers]
         # Run only as many layers as the deepest selected one needs.
@@ -152,7 +177,7 @@ class LlavaNet(PlaceholderVLM):
         features = torch.cat(picked, dim=-1)
         if self.cfg.pixel_shuffle > 1:
             features = pixel_shuffle(features, self.cfg.pixel_shuffle)
-        return self.multi_modal_projector(features)
+        return features
 
     # ---- checkpoints ----
 

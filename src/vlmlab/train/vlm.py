@@ -17,6 +17,9 @@ Model sources in `[model]`:
   assemble = {...}  parts: `vision` = a dual encoder (its ViT), `language_model` = a decoder
                     (built-in name, GGUF or HF folder), a new `projector`, `image_token`
   from = "DIR"      a saved VLM folder (LLaVA or Idefics3 / SmolVLM)
+A new or assembled LLaVA with `feature_norm = true` has its projector-input statistics measured
+on the images of the first stage's first `calibration_images` samples ([model] field, default 64)
+before training.
 """
 
 from __future__ import annotations
@@ -223,6 +226,8 @@ def build_model(spec: dict[str, Any]) -> VisionLanguageModel:
     """The starting model of a recipe (see the module docstring)."""
     import vlmlab
 
+    _no_extra({k: v for k, v in spec.items() if k not in ("new", "assemble", "from", "calibration_images")},
+              "[model]")
     kinds = [k for k in ("new", "assemble", "from") if k in spec]
     if len(kinds) != 1:
         raise ConfigError("[model] needs exactly one of 'new', 'assemble' or 'from'")
@@ -242,7 +247,7 @@ def build_model(spec: dict[str, Any]) -> VisionLanguageModel:
 def new_llava(*, vision: dict[str, Any], text: dict[str, Any], tokenizer: str = "smollm2",
               image_token: str = "<image>", projector: str = "mlp2x_gelu", vision_feature_layer: int = -1,
               vision_feature_select_strategy: str = "default", pixel_shuffle: int = 1,
-              seed: int = 0) -> VisionLanguageModel:
+              feature_norm: bool = False, seed: int = 0) -> VisionLanguageModel:
     """A LLaVA with every weight new (HF's init: normal(0, 0.02) matrices and embeddings, zero
     biases, unit norms): a CLIP-style ViT from `vision` fields, a Llama decoder from `text` HF
     fields, sized to the vocabulary of `tokenizer` (the tokenizer and chat template of that
@@ -267,7 +272,7 @@ def new_llava(*, vision: dict[str, Any], text: dict[str, Any], tokenizer: str = 
     cfg = LlavaConfig(vision_cfg, LlamaConfig.from_hf(text), projector=projector,
                       vision_feature_layer=vision_feature_layer,
                       vision_feature_select_strategy=vision_feature_select_strategy, image_token_id=token_id,
-                      pixel_shuffle=pixel_shuffle)
+                      pixel_shuffle=pixel_shuffle, feature_norm=feature_norm)
     torch.manual_seed(seed)
     net = LlavaNet(cfg)
     for module in net.modules():
@@ -303,6 +308,10 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(recipe["model"])
     net = model.net
+    if getattr(net.cfg, "feature_norm", False) and "from" not in recipe["model"]:
+        first = recipe["stages"][0]
+        _calibrate(model, sample_source(first.get("data", {"source": "scenes"}), seed=_stage_config(first).seed),
+                   recipe["model"].get("calibration_images", 64))
     lora_used = None
     for i, stage in enumerate(recipe["stages"]):
         name = stage.get("name", f"stage{i}")
@@ -345,6 +354,20 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
         merge_lora(net)
     model.save(out / "model")
     return model
+
+
+def _calibrate(model: VisionLanguageModel, source: Callable[[int], Sample], n: int) -> None:
+    """Measure a new model's feature_norm statistics on the images of the first samples of `source`
+    (n images; samples with several images give several)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ConfigError(f"[model] calibration_images must be an integer >= 2, got {n!r}")
+    images, i = [], 0
+    while len(images) < n:
+        images += source(i).images
+        i += 1
+        if i > 10 * n and not images:
+            raise ConfigError("feature_norm calibration: the first stage's data gives no images")
+    model.net.calibrate_feature_norm(model.image_inputs(images[:n])[0])
 
 
 def _add_lora(net: nn.Module, spec: dict[str, Any], seed: int):
