@@ -565,3 +565,32 @@ def test_docs_show_the_current_examples():
             assert f"(images/{name})" in text
             with Image.open(docs / "images" / name) as f:
                 assert f.convert("RGB").tobytes() == image.tobytes(), f"docs/images/{name} is outdated"
+
+
+def test_dialogues_pack_true_answers_about_one_scene():
+    """dialogue_turns = k: samples of question tasks become k distinct questions about one scene
+    (every answer checked against the scene graph); other tasks stay single; deterministic."""
+    from vlmlab.data.scenes.tasks import TaskMix, generate_dialogue
+
+    stream = SceneStream("val", TaskMix({"color": 1, "count": 1, "ground": 1, "caption_detailed": 1}),
+                         base_seed=7, dialogue_turns=5)
+    samples = [stream.sample(n) for n in range(16)]
+    dialogues = [s for s in samples if s.id.endswith("dialogue")]
+    assert dialogues and len(dialogues) < 16  # caption_detailed samples stay single
+    for s in samples:
+        check_sample(s)
+    for s in dialogues:
+        users = [t.text for t in s.turns if t.role == "user"]
+        assert len(s.scenes) == 1 and 1 <= len(users) <= 5 and len(set(users)) == len(users)
+        assert users[0].startswith("<image>\n") and not any("<image>" in u for u in users[1:])
+        assert {a.task for a in s.answers} <= {"color", "count", "ground"}
+    assert sum(len(s.answers) for s in dialogues) > 3 * len(dialogues)
+    again = SceneStream("val", TaskMix({"color": 1, "count": 1, "ground": 1, "caption_detailed": 1}),
+                        base_seed=7, dialogue_turns=5)
+    assert _ids_and_bytes(samples) == _ids_and_bytes([again.sample(n) for n in range(16)])
+    assert [t.text for t in generate_dialogue({"shape": 1}, 3, 2).turns] == \
+        [t.text for t in generate_dialogue({"shape": 1}, 3, 2).turns]
+    with pytest.raises(InputError, match="dialogue tasks"):
+        generate_dialogue({"multi_image_more": 1}, 3, 0)
+    with pytest.raises(InputError, match="dialogue_turns"):
+        SceneStream("val", dialogue_turns=0)

@@ -143,7 +143,8 @@ def next_token_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
 
 def sample_source(spec: dict[str, Any], seed: int = 0) -> Callable[[int], Sample]:
     """index -> Sample, deterministic. spec: {source = "scenes", tasks = "vqa:2,caption", split,
-    scene = {SceneConfig fields}} or {source = "PATH" of a LLaVA-JSON file or folder}."""
+    scene = {SceneConfig fields}, dialogue_turns = k (questions per scene, `SceneStream`)} or
+    {source = "PATH" of a LLaVA-JSON file or folder}."""
     spec = dict(spec)
     source = spec.pop("source", "scenes")
     if source == "scenes":
@@ -157,7 +158,7 @@ def sample_source(spec: dict[str, Any], seed: int = 0) -> Callable[[int], Sample
         except TypeError as e:
             raise ConfigError(f"data.scene: {e}") from None
         stream = SceneStream(spec.pop("split", "train"), mix, config, base_seed=spec.pop("base_seed", 0),
-                             rank=0, world_size=1)
+                             rank=0, world_size=1, dialogue_turns=spec.pop("dialogue_turns", 1))
         _no_extra(spec, "data")
         return stream.sample
     from vlmlab.data.llava_json import read_llava_json

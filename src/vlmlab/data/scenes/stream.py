@@ -2,7 +2,9 @@
 
 Sample n of the stream is ``generate_sample(mix.pick(seed), seed, split, config)`` with
 ``seed = base_seed + n``: its content depends only on n, never on how many workers or ranks
-read the stream. Shard s of S (S = world_size x DataLoader workers, s = rank x workers + worker)
+read the stream. With `dialogue_turns` = k > 1, a sample whose task has a question function
+(`tasks.ASKERS`) becomes a conversation of up to k questions about one scene, their tasks drawn
+from the mix's such tasks (`generate_dialogue`); other tasks stay single samples. Shard s of S (S = world_size x DataLoader workers, s = rank x workers + worker)
 takes n = s, s + S, s + 2S, ..., so no two workers or ranks produce the same sample and together
 they produce each sample exactly once.
 """
@@ -16,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vlmlab.data.scenes.sample import Sample
 from vlmlab.data.scenes.scene import SPLITS, SceneConfig, split_seed
-from vlmlab.data.scenes.tasks import TaskMix, generate_sample
+from vlmlab.data.scenes.tasks import ASKERS, TaskMix, generate_dialogue, generate_sample
 from vlmlab.errors import InputError
 
 
@@ -29,7 +31,8 @@ class SceneStream(IterableDataset):
     """
 
     def __init__(self, split: str = "train", mix: TaskMix | None = None, config: SceneConfig | None = None,
-                 base_seed: int = 0, rank: int | None = None, world_size: int | None = None, render: bool = True):
+                 base_seed: int = 0, rank: int | None = None, world_size: int | None = None, render: bool = True,
+                 dialogue_turns: int = 1):
         if split not in SPLITS:
             raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         split_seed(split, base_seed)  # validates the start of the range
@@ -41,12 +44,19 @@ class SceneStream(IterableDataset):
             raise InputError(f"SceneStream needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.split, self.mix, self.config = split, mix or TaskMix(), config or SceneConfig()
         self.base_seed, self.rank, self.world_size, self.render = base_seed, rank, world_size, render
+        if isinstance(dialogue_turns, bool) or not isinstance(dialogue_turns, int) or dialogue_turns < 1:
+            raise InputError(f"dialogue_turns must be a positive integer, got {dialogue_turns!r}")
+        self.dialogue_turns = dialogue_turns
+        self._askable = {t: w for t, w in self.mix.weights.items() if t in ASKERS}
 
     def sample(self, n: int) -> Sample:
         """Sample n of the stream (whichever shard would produce it)."""
         seed = self.base_seed + n
         task = self.mix.pick(split_seed(self.split, seed))
-        s = generate_sample(task, seed, self.split, self.config)
+        if self.dialogue_turns > 1 and task in self._askable:
+            s = generate_dialogue(self._askable, self.dialogue_turns, seed, self.split, self.config)
+        else:
+            s = generate_sample(task, seed, self.split, self.config)
         if self.render:
             s.images  # noqa: B018  (render in the worker process, not in the consumer)
         return s

@@ -713,6 +713,37 @@ def gen_multi_turn(ctx: TaskContext):
     return _dialogue(scene, *qas)
 
 
+def generate_dialogue(weights: Mapping[str, float], turns: int, seed: int, split: str = "train",
+                      config: SceneConfig | None = None) -> Sample:
+    """`turns` questions about one scene (fewer where the scene answers fewer distinct ones), each
+    of a task drawn from `weights` (over the tasks of ASKERS). LLaVA-1.5 packs the questions about
+    one image into one conversation the same way: the image tokens and the prompt are read once
+    for all of them, so a training step sees several answers for little more than one's cost."""
+    bad = [t for t in weights if t not in ASKERS]
+    if bad or not weights:
+        raise InputError(f"dialogue tasks must be among {', '.join(ASKERS)}; got {', '.join(bad) or 'none'}")
+    if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+        raise InputError(f"dialogue turns must be a positive integer, got {turns!r}")
+    config = config or SceneConfig()
+    gseed = split_seed(split, seed)
+    names, w = list(weights), list(weights.values())
+    for attempt in range(MAX_ATTEMPTS):
+        ctx = TaskContext(random.Random(derive_seed(gseed, "dialogue", attempt)), config, split, gseed)
+        scene, _ = ctx.scene()
+        qas, asked = [], set()
+        for _ in range(4 * turns):
+            qa = ASKERS[ctx.rng.choices(names, w)[0]](ctx, scene)
+            if qa is not None and qa[0] not in asked:
+                asked.add(qa[0])
+                qas.append(qa)
+                if len(qas) == turns:
+                    break
+        if qas:
+            scenes, dialogue = _dialogue(scene, *qas)
+            return Sample(id=f"{split}-{seed:09d}-dialogue", task="multi_turn", scenes=scenes, turns=dialogue)
+    raise InputError(f"could not generate a dialogue for seed {seed} of split {split!r} in {MAX_ATTEMPTS} attempts")
+
+
 # --- registry -----------------------------------------------------------------------------------
 
 Generator = Callable[[TaskContext], tuple[list[Scene], list[Turn]]]
