@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmlab.checkpoints.hf import atomic_write
-from vlmlab.data.scenes import COLOR_NAMES, SHAPES, SIZES, SceneConfig, classification_sample
+from vlmlab.data.scenes import COLOR_NAMES, SHAPES, SIZES, SceneConfig, classification_sample, generate_sample
 from vlmlab.data.scenes.scene import derive_seed
 from vlmlab.errors import ConfigError
 from vlmlab.infer.dual import DualEncoder
@@ -158,8 +158,6 @@ def labelled_scene(index: int, split: str, config: SceneConfig):
 
 def dense_scene(index: int, split: str, config: SceneConfig, grid: int, patch: int):
     """(image, (grid * grid, 3) patch labels) of multi-object scene `index` of `split`."""
-    from vlmlab.data.scenes.tasks import generate_sample
-
     sample = generate_sample("caption_short", index, split, config)
     return sample.images[0], patch_labels(sample.scenes[0].objects, grid, patch)
 

@@ -2,11 +2,13 @@
 
 Sample n of the stream is ``generate_sample(mix.pick(seed), seed, split, config)`` with
 ``seed = base_seed + n``: its content depends only on n, never on how many workers or ranks
-read the stream. With `dialogue_turns` = k > 1, a sample whose task has a question function
-(`tasks.ASKERS`) becomes a conversation of up to k questions about one scene, their tasks drawn
-from the mix's such tasks (`generate_dialogue`); other tasks stay single samples. Shard s of S (S = world_size x DataLoader workers, s = rank x workers + worker)
+read the stream. Shard s of S (S = world_size x DataLoader workers, s = rank x workers + worker)
 takes n = s, s + S, s + 2S, ..., so no two workers or ranks produce the same sample and together
 they produce each sample exactly once.
+
+With `dialogue_turns` = k > 1, a sample whose task has a question function (`tasks.ASKERS`)
+becomes a conversation of up to k questions about one scene, their tasks drawn from the mix's
+such tasks (`generate_dialogue`); other tasks stay single samples.
 """
 
 from __future__ import annotations
