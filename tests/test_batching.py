@@ -178,8 +178,9 @@ def test_full_queue_refuses_and_cancelled_rows_free_their_slot(vlm):
 
 def test_deadline_stops_a_row_with_timeout(vlm):
     batch = Batch(vlm)
-    seq = sequence(vlm, "slow", [], dict(max_new_tokens=100), deadline=time.monotonic() + 0.05)
+    seq = sequence(vlm, "slow", [], dict(max_new_tokens=100))
     batch.add([seq])
+    seq.deadline = time.monotonic() + 0.05  # from after the prefill, however long a busy machine took
     while len(batch):
         batch.step()
         time.sleep(0.01)

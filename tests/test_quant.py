@@ -147,6 +147,8 @@ def smollm2_pair():
 @needs_smollm2
 def test_smollm2_int4_keeps_every_layer_weight_exactly(smollm2_pair):
     dense, int4 = smollm2_pair
+    assert len([m for m in int4.net.modules() if isinstance(m, Int4Linear)]) == 30 * 7  # as loaded
+    int4.pack()  # what generation does first: fuse, and the 4-bit layers stay 4-bit
     quantized = [m for m in int4.net.modules() if isinstance(m, Int4Linear)]
     assert len(quantized) == 30 * 4  # qkv, o, gate_up, down in each of the 30 layers
     with int4.unpacked() as net:

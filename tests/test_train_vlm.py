@@ -105,6 +105,36 @@ def test_projector_alignment_stage_freezes_everything_else(tmp_path):
             assert torch.equal(v, before[k]), k  # bit-identical
 
 
+def test_a_model_packs_at_its_first_generation_and_trains_unpacked(tmp_path, monkeypatch):
+    """Loaded or built, a model is a plain PyTorch module (its linears are nn.Linear) until it
+    generates; then its linears are packed for inference, and training it asks for `unpacked()`.
+    (Only bfloat16 packs by default, on CPUs with native bfloat16; forced here in float32.)"""
+    from vlmlab.nn import packed
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this PyTorch build")
+    monkeypatch.setattr(packed, "onednn_packing_available", lambda dtype: True)
+    model = new_llava(vision=VISION, text=TEXT, image_token="<empty_output>", seed=1)
+    assert not model.packed and not any(isinstance(m, packed.PackedLinear) for m in model.net.modules())
+    image = generate_sample("color", 0, "test", SceneConfig(**SCENE)).images
+    first = model.ask("What colour is it?", image, max_new_tokens=3)
+    assert model.packed and isinstance(model.net.language_model.model.layers[0].mlp.gate_up, packed.PackedLinear)
+    with pytest.raises(ConfigError, match="packed for inference"):
+        _trainer(model, tmp_path / "a", {"vision_tower": 0.0, "language_model": 0.0})
+    with model.unpacked():
+        assert not any(isinstance(m, packed.PackedLinear) for m in model.net.modules())
+        with model.unpacked():  # nested (as `save` inside a recipe's training): stays unpacked
+            pass
+        assert not model.packed
+        _trainer(model, tmp_path / "b", {"vision_tower": 0.0, "language_model": 0.0}).fit(progress=False)
+    assert model.packed
+    with model.unpacked() as net:
+        untrained = new_llava(vision=VISION, text=TEXT, image_token="<empty_output>", seed=1).net.state_dict()
+        assert not torch.equal(net.state_dict()["multi_modal_projector.linear_1.weight"],
+                               untrained["multi_modal_projector.linear_1.weight"])
+    assert model.ask("What colour is it?", image, max_new_tokens=3).finish_reason == first.finish_reason
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(micro):
     source = sample_source({"source": "scenes", "tasks": "count", "scene": {**SCENE, "max_objects": 3}})
     batch = ChatBatcher(micro)([source(i) for i in range(2)])

@@ -122,9 +122,11 @@ class Row:
 
 
 class Batch:
-    """The rows decoded together, and the two operations of continuous batching."""
+    """The rows decoded together, and the two operations of continuous batching. Making one packs
+    the model's linears for inference (`LanguageModel.pack`)."""
 
     def __init__(self, model: "LanguageModel"):
+        model.pack()
         self.model = model
         self.net = model.net
         self.device = next(self.net.parameters()).device

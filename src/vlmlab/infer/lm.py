@@ -32,7 +32,14 @@ class LanguageModel:
         self.net = net.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
-        self.packed = pack_for_inference(self.net)
+        self.packed = False  # `pack` (the first generation) fuses and packs the linears
+
+    def pack(self) -> None:
+        """Fuse and pack the network's linears for fast inference (`nn/packed.py`) unless done:
+        what generation does first. Until then `net` is an ordinary PyTorch module to inspect or
+        train; `unpacked()` gives it back for a while."""
+        if not self.packed:
+            self.packed = pack_for_inference(self.net)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -40,14 +47,18 @@ class LanguageModel:
 
     @contextmanager
     def unpacked(self) -> Iterator[torch.nn.Module]:
-        """The network with ordinary nn.Linear layers (for saving or converting), repacked after."""
-        if self.packed:
+        """The network with ordinary nn.Linear layers (to save, convert or train it), packed again
+        after if it was packed before (so an `unpacked` inside another leaves it unpacked)."""
+        was_packed = self.packed
+        if was_packed:
             unpack(self.net)
             self.net.tie_weights()
+            self.packed = False
         try:
             yield self.net
         finally:
-            self.packed = pack_for_inference(self.net)
+            if was_packed:
+                self.packed = pack_for_inference(self.net)
 
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "LanguageModel":
         with self.unpacked() as net:

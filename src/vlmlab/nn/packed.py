@@ -8,7 +8,10 @@ better, and fusing the projections that read the same input (q/k/v, gate/up) hal
 `pack_for_inference(net)` does both in place, `unpack(net)` restores ordinary `nn.Linear`
 modules with the same weights (to save, convert or train). 4-bit layers (`nn/quant.py`) are
 fused the same way and stay 4-bit. Packing changes no numbers: oneDNN
-computes the same products, and only bfloat16 is packed (float32 keeps the reference's kernels).
+computes the same products, and only bfloat16 is packed. Float32 keeps the reference's kernels:
+packed float32 linears stream faster alone (SmolLM2's, 2 threads: 27 ms against 39 ms) but
+`benchmarks/vlm.py`'s ask showed no gain end to end (docs/benchmarks.md, 2026-12-06) while the
+tied output layer's packed copy and the summation order would cost memory and exact parity.
 """
 
 from __future__ import annotations
@@ -97,8 +100,11 @@ def pack_for_inference(net: nn.Module) -> bool:
     dtypes = {p.dtype for p in net.parameters()}
     dense_ok = len(dtypes) == 1 and onednn_packing_available(dtypes.pop())
     changed = False
+    # Hold the parents only: a list of every module would keep each replaced layer (and its weights)
+    # alive until the end, doubling the peak memory.
+    parents = [m for m in net.modules() if not isinstance(m, (nn.Linear, Int4Linear))]
     with torch.no_grad():
-        for module in list(net.modules()):
+        for module in parents:
             for group, names in FUSED_GROUPS.items():
                 members = [module._modules.get(n) for n in names]
                 if all(isinstance(m, Int4Linear) for m in members):

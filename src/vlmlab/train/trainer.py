@@ -33,6 +33,7 @@ from torch import nn
 from vlmlab.checkpoints.hf import atomic_write
 from vlmlab.errors import CheckpointError, ConfigError
 from vlmlab.hardware import fast_bfloat16, warn_if_slow_bfloat16
+from vlmlab.nn.packed import PackedLinear
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -137,6 +138,10 @@ class Trainer:
                               f"grad_accum ({cfg.grad_accum})")
         self.micro_batch = micro
         self.unit = samples_per_batch
+        packed = next((n for n, m in model.named_modules() if isinstance(m, PackedLinear)), None)
+        if packed is not None:
+            raise ConfigError(f"{packed}: this network's linears are packed for inference (it has generated); "
+                              "train it inside `with model.unpacked() as net:`")
         self.plain = model  # the caller's module
         self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
         self.model = _fully_shard(model) if self.fsdp else model

@@ -301,14 +301,21 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
                  progress: bool = True, parallel: str | None = None) -> VisionLanguageModel:
     """Run every stage of `recipe` into `out`; returns the trained model (saved to out/model).
     `parallel` ("ddp" or "fsdp", under torchrun) overrides what the stages say."""
-    from vlmlab.nn.checkpointing import set_gradient_checkpointing
-
     if not isinstance(recipe, dict):
         recipe = load_recipe(recipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(recipe["model"])
-    net = model.net
+    with model.unpacked() as net:  # trained as ordinary nn.Linear layers, packed for inference after
+        _train_stages(model, net, recipe, out, resume=resume, progress=progress, parallel=parallel)
+    return model
+
+
+def _train_stages(model: VisionLanguageModel, net: nn.Module, recipe: dict[str, Any], out: Path, *,
+                  resume: bool, progress: bool, parallel: str | None) -> None:
+    """train_recipe's work on the unpacked `net` of `model`: stages, adapter, parts, out/model."""
+    from vlmlab.nn.checkpointing import set_gradient_checkpointing
+
     if getattr(net.cfg, "feature_norm", False) and "from" not in recipe["model"]:
         first = recipe["stages"][0]
         _calibrate(model, sample_source(first.get("data", {"source": "scenes"}), seed=_stage_config(first).seed),
@@ -354,7 +361,6 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
 
         merge_lora(net)
     model.save(out / "model")
-    return model
 
 
 def _calibrate(model: VisionLanguageModel, source: Callable[[int], Sample], n: int) -> None:
