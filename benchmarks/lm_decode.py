@@ -274,6 +274,7 @@ def worker_vlmlab(spec: dict) -> dict:
         lm = vlmlab.load(MODEL, dtype="bfloat16", quantization="int4")
     else:
         lm = vlmlab.load(MODEL, dtype=spec["dtype"])
+    getattr(lm, "pack", lambda: None)()  # vlmlab packs at the first generation (older: on load); timed as loading
     load_s = time.perf_counter() - t
     ids = lm.prompt_ids(spec["message"])
     if ids != spec["prompt_ids"]:

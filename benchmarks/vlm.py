@@ -182,7 +182,8 @@ def worker_ask(spec: dict) -> dict:
         from vlmlab.infer.batching import Batch, Row
 
         model = vlmlab.load(spec["folder"], dtype=spec["dtype"])
-        extra["onednn_packed"] = model.packed
+        getattr(model, "pack", lambda: None)()  # vlmlab packs at the first generation (older: on load)
+        extra["onednn_packed"] = bool(model.packed)
         images = scene_images(batch)
         prompt = ask_prompt(spec["question"])
         if impl == "vlmlab ask" and batch == 1:

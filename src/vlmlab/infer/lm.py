@@ -32,13 +32,15 @@ class LanguageModel:
         self.net = net.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
-        self.packed = False  # `pack` (the first generation) fuses and packs the linears
+        # Whether the linears are packed; None until `pack` (the first generation) has looked, so
+        # a model with nothing to pack (float32) is walked once, not at every generation.
+        self.packed: bool | None = None
 
     def pack(self) -> None:
         """Fuse and pack the network's linears for fast inference (`nn/packed.py`) unless done:
         what generation does first. Until then `net` is an ordinary PyTorch module to inspect or
         train; `unpacked()` gives it back for a while."""
-        if not self.packed:
+        if self.packed is None:
             self.packed = pack_for_inference(self.net)
 
     @property
@@ -53,16 +55,17 @@ class LanguageModel:
         if was_packed:
             unpack(self.net)
             self.net.tie_weights()
-            self.packed = False
+        self.packed = False  # and no generation inside packs it
         try:
             yield self.net
         finally:
-            if was_packed:
-                self.packed = pack_for_inference(self.net)
+            self.packed = pack_for_inference(self.net) if was_packed else was_packed
 
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "LanguageModel":
         with self.unpacked() as net:
             net.to(device=device, dtype=dtype)
+        if not self.packed:
+            self.packed = None  # the new dtype may pack: the next generation looks again
         return self
 
     # ---- prompts -------------------------------------------------------------------------------

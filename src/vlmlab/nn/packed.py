@@ -118,7 +118,8 @@ def pack_for_inference(net: nn.Module) -> bool:
                 if dense_ok and type(child) is nn.Linear:
                     module._modules[name] = PackedLinear([child])
                     changed = True
-    release_freed_memory()
+    if changed:
+        release_freed_memory()
     return changed
 
 
