@@ -8,6 +8,7 @@ and the processor back)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -252,6 +253,22 @@ def test_placeholder_count_mismatch_is_named(tiny):
         net(ids)
     with pytest.raises(InputError, match="0 image tile"):  # only padding: no tiles at all
         net(ids, torch.zeros_like(px))
+
+
+def test_only_padding_is_named_on_a_packed_network(tiny, monkeypatch):
+    """Packed for inference (oneDNN, forced here in float32) the connector has no `.weight`;
+    a batch of padding images still gets the named error, not an AttributeError."""
+    from vlmlab.nn import packed
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this PyTorch build")
+    _, _, processor, net = tiny
+    net = copy.deepcopy(net)
+    monkeypatch.setattr(packed, "onednn_packing_available", lambda dtype: True)
+    assert packed.pack_for_inference(net)
+    inputs = processor(text=["<image>x"], images=[[WIDE]], return_tensors="pt")
+    with pytest.raises(InputError, match="0 image tile"):
+        net(inputs["input_ids"], torch.zeros_like(inputs["pixel_values"]))
 
 def test_a_generated_image_token_is_only_a_token(tiny):
     """After the prompt (cache filled), an image token the model writes is embedded as a token,

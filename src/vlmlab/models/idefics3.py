@@ -123,7 +123,8 @@ class Idefics3Net(PlaceholderVLM):
             pixel_values = pixel_values.flatten(0, 1)
         pixel_values = pixel_values[(pixel_values != 0).flatten(1).any(1)]
         if not len(pixel_values):  # nothing but padding: no features (the tower cannot run on none)
-            return self.connector.projector.linear_1.weight.new_zeros(0, self.cfg.image_seq_len, self.cfg.text.hidden_size)
+            width = self.cfg.text.hidden_size  # (packed linears have no .weight: ask the embedding for the dtype)
+            return self.language_model.model.embed_tokens.weight.new_zeros(0, self.cfg.image_seq_len, width)
         return self.connector(self.vision_model(pixel_values).last_hidden_state)
 
     # ---- checkpoints ----
