@@ -270,6 +270,7 @@ def test_only_padding_is_named_on_a_packed_network(tiny, monkeypatch):
     with pytest.raises(InputError, match="0 image tile"):
         net(inputs["input_ids"], torch.zeros_like(inputs["pixel_values"]))
 
+
 def test_a_generated_image_token_is_only_a_token(tiny):
     """After the prompt (cache filled), an image token the model writes is embedded as a token,
     as transformers does, not taken for a placeholder without its image."""
