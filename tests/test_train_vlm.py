@@ -343,6 +343,53 @@ def test_parts_folder_loads_the_language_model_by_name_and_merges_the_adapter(tm
         vlmlab.load(tmp_path / "parts")
 
 
+@pytest.mark.slow
+def test_recipe_trains_its_vision_tower_first(tmp_path, monkeypatch, minilm_available):
+    """[model.tower]: `train attributes` on a dual encoder's ViT runs in out/tower before the model
+    is assembled from its result; a resumed run does not train it again; mistakes are named."""
+    import vlmlab
+    from vlmlab.api import dual_encoder
+    from vlmlab.models import lit
+    from vlmlab.train import attributes
+
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5, pooling="cls")
+    start = dual_encoder(lit.LiTNet.new(tiny, seed=0), lit, name="tiny-lit")
+    start.save(tmp_path / "lit")
+    tower = {"init": str(tmp_path / "lit"), "dense_layer": -1, "scene_size": 64, "eval_n": 4, "steps": 2,
+             "batch_size": 4, "warmup_steps": 1, "log_every": 1, "save_every": 1, "param_groups": {"heads": 1e-2}}
+    recipe = {"name": "t", "model": {"tower": tower, "assemble": {"language_model": "smollm2",
+                                                                  "image_token": "<empty_output>",
+                                                                  "vision_feature_layer": -1}},
+              "stages": [{"name": "s", "steps": 1, "batch_size": 1, "warmup_steps": 0, "save_every": 1,
+                          "param_groups": {"": 0.0, "multi_modal_projector": 1e-3},
+                          "data": {"source": "scenes", "tasks": "color", "scene": SCENE}}]}
+    model = train_recipe(recipe, tmp_path / "run", progress=False)
+    trained = vlmlab.load(tmp_path / "run" / "tower" / "model").net.vision_model.state_dict()
+    ours = model.net.vision_tower.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in trained.items() if k in ours)
+    assert not torch.equal(trained["embeddings.patch_embedding.weight"],
+                           start.net.vision_model.state_dict()["embeddings.patch_embedding.weight"])
+    assert json.loads((tmp_path / "run" / "tower" / "done.json").read_text())["steps"] == 2
+    assert (tmp_path / "run" / "tower" / "attributes_eval.json").is_file()
+
+    def again(*args, **kwargs):
+        raise AssertionError("a finished tower was trained again")
+
+    monkeypatch.setattr(attributes, "train_attributes", again)
+    resumed = train_recipe(recipe, tmp_path / "run", resume=True, progress=False)
+    for (k, v), (_, w) in zip(model.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert torch.equal(v, w), k
+    for change, message in [({"init": None}, "needs 'init'"), ({"dense": -1}, "unknown field.*dense"),
+                            ({"steps": 0}, "'steps' must be a positive integer")]:
+        bad = {k: v for k, v in {**tower, **change}.items() if v is not None}
+        with pytest.raises(ConfigError, match=message):
+            train_recipe({**recipe, "model": {**recipe["model"], "tower": bad}}, tmp_path / "x", progress=False)
+    named = {**recipe["model"], "assemble": {**recipe["model"]["assemble"], "vision": "scenes-clip"}}
+    with pytest.raises(ConfigError, match="must not name its own 'vision'"):
+        train_recipe({**recipe, "model": named}, tmp_path / "x", progress=False)
+
+
 def _run_micro(out: Path, *, procs: int = 1, accum: int = 1, parallel: str = "ddp", lora: bool = False) -> None:
     sys.path.insert(0, str(Path(__file__).parent / "helpers"))
     from launch import run_helper

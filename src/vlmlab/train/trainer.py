@@ -95,6 +95,14 @@ def distributed_setup() -> tuple[int, int]:
     return 0, 1
 
 
+def distributed_barrier() -> None:
+    """Wait for every process of the group (nothing to wait for in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def distributed_teardown() -> None:
     """Leave the process group together (a barrier, then destroy): a rank that exits with the group
     still alive can abort in gloo's thread teardown ("terminate called without an active exception")."""

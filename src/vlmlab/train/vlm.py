@@ -17,6 +17,11 @@ Model sources in `[model]`:
   assemble = {...}  parts: `vision` = a dual encoder (its ViT), `language_model` = a decoder
                     (built-in name, GGUF or HF folder), a new `projector`, `image_token`
   from = "DIR"      a saved VLM folder (LLaVA or Idefics3 / SmolVLM)
+An assembled model may first train its image tower: `[model.tower]` runs `vlmlab train
+attributes` (`train.attributes`) in `out/tower/` before anything else, and `assemble` then takes
+that trained dual encoder as its `vision`. Fields: `init` (the dual encoder to start from), the
+`AttributeRecipe` fields (`dense_layer`, `patches`, `unmask_steps`, `scene_size`, `eval_n`) and
+`TrainConfig` fields. It resumes like a stage.
 A new or assembled LLaVA with `feature_norm = true` has its projector-input statistics measured
 on the images of the first stage's first `calibration_images` samples ([model] field, default 64)
 before training.
@@ -223,15 +228,25 @@ def _no_extra(spec: dict, where: str) -> None:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(spec))}")
 
 
-def build_model(spec: dict[str, Any]) -> VisionLanguageModel:
-    """The starting model of a recipe (see the module docstring)."""
+def build_model(spec: dict[str, Any], out: str | Path | None = None, *, resume: bool = False,
+                progress: bool = True) -> VisionLanguageModel:
+    """The starting model of a recipe (see the module docstring); a `[model.tower]` trains in
+    `out/tower` first."""
     import vlmlab
 
-    _no_extra({k: v for k, v in spec.items() if k not in ("new", "assemble", "from", "calibration_images")},
+    _no_extra({k: v for k, v in spec.items() if k not in ("new", "assemble", "from", "calibration_images", "tower")},
               "[model]")
     kinds = [k for k in ("new", "assemble", "from") if k in spec]
     if len(kinds) != 1:
         raise ConfigError("[model] needs exactly one of 'new', 'assemble' or 'from'")
+    if "tower" in spec:
+        if "assemble" not in spec or "vision" in spec["assemble"]:
+            raise ConfigError("[model.tower] trains the vision tower of [model.assemble], which then must not "
+                              "name its own 'vision'")
+        if out is None:
+            raise ConfigError("[model.tower] needs a run folder to train in")
+        vision = train_tower(spec["tower"], Path(out) / "tower", resume=resume, progress=progress)
+        spec = {**spec, "assemble": {**spec["assemble"], "vision": str(vision)}}
     if "from" in spec:
         model = vlmlab.load(spec["from"])
         if not isinstance(model, VisionLanguageModel):
@@ -243,6 +258,40 @@ def build_model(spec: dict[str, Any]) -> VisionLanguageModel:
         return vlmlab.assemble(**spec["assemble"])
     except TypeError as e:
         raise ConfigError(f"[model]: {e}") from None
+
+
+def train_tower(spec: dict[str, Any], out: Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """`[model.tower]`: `vlmlab train attributes` of the dual encoder `init` into `out`; returns the
+    trained dual encoder's folder (`out/model`). A finished run (`out/done.json`) is not repeated
+    on resume."""
+    import vlmlab
+    from vlmlab.infer.dual import DualEncoder
+    from vlmlab.train.attributes import AttributeRecipe, train_attributes
+    from vlmlab.train.trainer import distributed_barrier
+
+    spec = dict(spec)
+    if "init" not in spec:
+        raise ConfigError("[model.tower] needs 'init': the dual encoder whose image tower it trains")
+    init = spec.pop("init")
+    try:
+        recipe = AttributeRecipe(**{f.name: spec.pop(f.name) for f in fields(AttributeRecipe) if f.name in spec})
+    except TypeError as e:
+        raise ConfigError(f"[model.tower]: {e}") from None
+    names = {f.name for f in fields(TrainConfig)}
+    _no_extra({k: v for k, v in spec.items() if k not in names}, "[model.tower]")
+    cfg = TrainConfig(**spec)
+    done = out / "done.json"
+    if resume and done.is_file():
+        return out / "model"
+    done.unlink(missing_ok=True)
+    model = vlmlab.load(init)
+    if not isinstance(model, DualEncoder):
+        raise ConfigError(f"[model.tower] init: {init!r} is not a dual encoder")
+    train_attributes(model, recipe, cfg, out, resume=resume and (out / "checkpoint.safetensors").is_file(),
+                     progress=progress)
+    distributed_barrier()  # out/model is written by the main process
+    done.write_text(json.dumps({"tower": str(init), "steps": cfg.steps}) + "\n")
+    return out / "model"
 
 
 def new_llava(*, vision: dict[str, Any], text: dict[str, Any], tokenizer: str = "smollm2",
@@ -305,7 +354,7 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
         recipe = load_recipe(recipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(recipe["model"])
+    model = build_model(recipe["model"], out, resume=resume, progress=progress)
     with model.unpacked() as net:  # trained as ordinary nn.Linear layers, packed for inference after
         _train_stages(model, net, recipe, out, resume=resume, progress=progress, parallel=parallel)
     return model
@@ -399,4 +448,4 @@ def _add_lora(net: nn.Module, spec: dict[str, Any], seed: int):
 
 
 __all__ = ["IGNORE_INDEX", "ChatBatcher", "build_model", "chat_tokens", "load_recipe", "next_token_step",
-           "new_llava", "sample_messages", "sample_source", "train_recipe"]
+           "new_llava", "sample_messages", "sample_source", "train_recipe", "train_tower"]
