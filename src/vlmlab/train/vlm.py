@@ -267,7 +267,7 @@ def train_tower(spec: dict[str, Any], out: Path, *, resume: bool = False, progre
     import vlmlab
     from vlmlab.infer.dual import DualEncoder
     from vlmlab.train.attributes import AttributeRecipe, train_attributes
-    from vlmlab.train.trainer import distributed_barrier
+    from vlmlab.train.trainer import distributed_barrier, distributed_setup
 
     spec = dict(spec)
     if "init" not in spec:
@@ -289,8 +289,9 @@ def train_tower(spec: dict[str, Any], out: Path, *, resume: bool = False, progre
         raise ConfigError(f"[model.tower] init: {init!r} is not a dual encoder")
     train_attributes(model, recipe, cfg, out, resume=resume and (out / "checkpoint.safetensors").is_file(),
                      progress=progress)
-    distributed_barrier()  # out/model is written by the main process
-    done.write_text(json.dumps({"tower": str(init), "steps": cfg.steps}) + "\n")
+    if distributed_setup()[0] == 0:
+        done.write_text(json.dumps({"tower": str(init), "steps": cfg.steps}) + "\n")
+    distributed_barrier()  # out/model and done.json are written by the main process
     return out / "model"
 
 
