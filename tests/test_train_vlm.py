@@ -152,6 +152,34 @@ def test_gradient_checkpointing_gives_the_same_gradients(micro):
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
 
 
+def test_mixed_data_draws_each_part_in_proportion_and_trains_on_text_only_chats(micro, tmp_path):
+    """data.mix: sample i comes from a part drawn by i (seeded) in the weights' proportion; a
+    text-only LLaVA-JSON part mixed into scenes gives batches with and without images."""
+    chats = [{"id": f"t{k}", "conversations": [{"from": "human", "value": f"Say {k}."},
+                                                {"from": "gpt", "value": f"{k}."}]} for k in range(5)]
+    (tmp_path / "data.json").write_text(json.dumps(chats))
+    spec = {"mix": [{"weight": 3, "source": "scenes", "tasks": "color", "scene": SCENE},
+                    {"weight": 1, "source": str(tmp_path)}]}
+    source = sample_source(spec, seed=1)
+    drawn = [source(i) for i in range(400)]
+    text = [s for s in drawn if s.task == "llava"]
+    assert 70 <= len(text) <= 130 and all(not s.image_paths for s in text)
+    assert all(s.id.endswith("-color") and len(s.images) == 1 for s in drawn if s.task != "llava")
+    again = sample_source(spec, seed=1)
+    assert [again(i).id for i in (399, 0, 7)] == [drawn[i].id for i in (399, 0, 7)]  # random access
+    assert [s.id for s in map(sample_source(spec, seed=2), range(40))] != [s.id for s in drawn[:40]]
+    mixed = next(b for b in (drawn[i:i + 4] for i in range(0, 400, 4))
+                 if 0 < sum(s.task == "llava" for s in b) < 4)
+    batch = ChatBatcher(micro)(mixed)
+    assert batch["pixel_values"].shape[0] == sum(s.task != "llava" for s in mixed)
+    assert torch.isfinite(next_token_step(micro.net, batch)[0])
+    for bad, message in [({"mix": []}, "list of tables"), ({"mix": [{"source": "scenes"}]}, "'weight' must be"),
+                         ({"mix": [{"weight": -1, "source": "scenes"}]}, "'weight' must be"),
+                         ({**spec, "split": "train"}, "data: unknown field.*split")]:
+        with pytest.raises(ConfigError, match=message):
+            sample_source(bad)
+
+
 def test_recipe_kill_and_resume_continues_exactly(tmp_path, monkeypatch):
     straight = train_recipe(micro_recipe(), tmp_path / "a", progress=False)
     real = train_vlm.batches

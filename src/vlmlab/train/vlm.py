@@ -149,7 +149,12 @@ def next_token_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
 def sample_source(spec: dict[str, Any], seed: int = 0) -> Callable[[int], Sample]:
     """index -> Sample, deterministic. spec: {source = "scenes", tasks = "vqa:2,caption", split,
     scene = {SceneConfig fields}, dialogue_turns = k (questions per scene, `SceneStream`)} or
-    {source = "PATH" of a LLaVA-JSON file or folder}."""
+    {source = "PATH" of a LLaVA-JSON file or folder}, or several of those mixed:
+    {mix = [{weight = 0.9, source = ...}, {weight = 0.1, source = ...}]}, where sample i comes from
+    a part drawn (seeded by i) in proportion to the weights, as that part's sample i (e.g. text-only
+    chats mixed into scene data so that the language model keeps chatting)."""
+    if "mix" in spec:
+        return _mixed_source(spec, seed)
     spec = dict(spec)
     source = spec.pop("source", "scenes")
     if source == "scenes":
@@ -181,6 +186,27 @@ def sample_source(spec: dict[str, Any], seed: int = 0) -> Callable[[int], Sample
             orders.clear()
             orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(samples))
         return samples[int(orders[epoch][i])]
+
+    return get
+
+
+def _mixed_source(spec: dict[str, Any], seed: int) -> Callable[[int], Sample]:
+    parts = spec["mix"]
+    _no_extra({k: v for k, v in spec.items() if k != "mix"}, "data")
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+        raise ConfigError("data.mix: expected a list of tables, each a data source with a 'weight'")
+    weights = []
+    for i, part in enumerate(parts):
+        w = part.get("weight")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            raise ConfigError(f"data.mix[{i}]: 'weight' must be a positive number, got {w!r}")
+        weights.append(float(w))
+    sources = [sample_source({k: v for k, v in part.items() if k != "weight"}, seed) for part in parts]
+    edges = np.cumsum(weights) / sum(weights)
+
+    def get(index: int) -> Sample:
+        u = np.random.default_rng([seed, 0x6D6978, index]).random()
+        return sources[min(int(np.searchsorted(edges, u, side="right")), len(sources) - 1)](index)
 
     return get
 
