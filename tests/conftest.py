@@ -42,6 +42,18 @@ MICRO_TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num
                   num_key_value_heads=1, max_position_embeddings=256)
 
 
+# A tiny LiT dual encoder (random ViT on 64-px images, 8x8 patches; the all-MiniLM-L6-v2 text tower).
+TINY_LIT_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                       patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5, pooling="cls")
+
+
+def tiny_lit(seed: int = 0):
+    from vlmlab.api import dual_encoder
+    from vlmlab.models import lit
+
+    return dual_encoder(lit.LiTNet.new(TINY_LIT_VISION, seed=seed), lit, name="tiny-lit")
+
+
 def micro_llava(seed: int = 0):
     from vlmlab.train.vlm import new_llava
 

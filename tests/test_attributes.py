@@ -16,15 +16,7 @@ from vlmlab.train.attributes import (
 )
 from vlmlab.train.trainer import TrainConfig, read_metrics
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
-            patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5, pooling="cls")
-
-
-def _tiny_lit(seed=0):
-    from vlmlab.api import dual_encoder
-    from vlmlab.models import lit
-
-    return dual_encoder(lit.LiTNet.new(TINY, seed=seed), lit, name="tiny-lit")
+from conftest import tiny_lit as _tiny_lit  # noqa: E402
 
 
 def test_object_patches_cover_the_box_then_fill_at_random():

