@@ -362,8 +362,10 @@ def test_parts_folder_loads_the_language_model_by_name_and_merges_the_adapter(tm
     ids = torch.tensor(ids)
     loaded = vlmlab.load(tmp_path / "parts")
     with torch.no_grad():
+        # merged LoRA against unmerged: the same maths, reassociated over 30 layers (on an AVX-512 CPU
+        # 3 of 11 M logits differ by up to 1.1e-4; on AVX2 all stayed under 1e-4)
         torch.testing.assert_close(loaded.net(ids, extra["pixel_values"]), model.net(ids, extra["pixel_values"]),
-                                   atol=1e-4, rtol=0)
+                                   atol=1e-4, rtol=2e-5)
     config = json.loads((tmp_path / "parts" / "config.json").read_text())
     config["text_config"]["num_hidden_layers"] = 3
     (tmp_path / "parts" / "config.json").write_text(json.dumps(config))

@@ -45,7 +45,7 @@ from vlmlab.data.scenes.sample import Sample
 from vlmlab.errors import ConfigError, DataError
 from vlmlab.infer.vlm import IMAGE_MARKER, VisionLanguageModel, render_chat, splice_images
 from vlmlab.nn.lora import lora_param_groups
-from vlmlab.train.trainer import TrainConfig, Trainer
+from vlmlab.train.trainer import TrainConfig, Trainer, distributed_barrier, distributed_setup
 
 IGNORE_INDEX = -100
 
@@ -146,15 +146,17 @@ def next_token_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
 # ---- data sources ---------------------------------------------------------------------------------
 
 
-def sample_source(spec: dict[str, Any], seed: int = 0) -> Callable[[int], Sample]:
+def sample_source(spec: dict[str, Any], seed: int = 0, run: Path | None = None) -> Callable[[int], Sample]:
     """index -> Sample, deterministic. spec: {source = "scenes", tasks = "vqa:2,caption", split,
     scene = {SceneConfig fields}, dialogue_turns = k (questions per scene, `SceneStream`)} or
     {source = "PATH" of a LLaVA-JSON file or folder}, or several of those mixed:
     {mix = [{weight = 0.9, source = ...}, {weight = 0.1, source = ...}]}, where sample i comes from
     a part drawn (seeded by i) in proportion to the weights, as that part's sample i (e.g. text-only
-    chats mixed into scene data so that the language model keeps chatting)."""
+    chats mixed into scene data so that the language model keeps chatting), or
+    {source = "replay", language_model = NAME, n, max_new_tokens}: the language model's own
+    answers to n text-only requests (`vlmlab.data.replay`), generated once into the run folder `run`."""
     if "mix" in spec:
-        return _mixed_source(spec, seed)
+        return _mixed_source(spec, seed, run)
     spec = dict(spec)
     source = spec.pop("source", "scenes")
     if source == "scenes":
@@ -173,6 +175,14 @@ def sample_source(spec: dict[str, Any], seed: int = 0) -> Callable[[int], Sample
         return stream.sample
     from vlmlab.data.llava_json import read_llava_json
 
+    if source == "replay":
+        from vlmlab.data.replay import replay_folder
+
+        if run is None:
+            raise ConfigError("data: a 'replay' source is generated into a run folder; none was given")
+        source = replay_folder(spec, run, generate=distributed_setup()[0] == 0)
+        distributed_barrier()  # the main process generates, the others read it
+        spec = {}
     path = Path(source)
     samples = read_llava_json(path / "data.json" if path.is_dir() else path, spec.pop("image_root", None))
     _no_extra(spec, "data")
@@ -190,7 +200,7 @@ def sample_source(spec: dict[str, Any], seed: int = 0) -> Callable[[int], Sample
     return get
 
 
-def _mixed_source(spec: dict[str, Any], seed: int) -> Callable[[int], Sample]:
+def _mixed_source(spec: dict[str, Any], seed: int, run: Path | None) -> Callable[[int], Sample]:
     parts = spec["mix"]
     _no_extra({k: v for k, v in spec.items() if k != "mix"}, "data")
     if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
@@ -201,7 +211,7 @@ def _mixed_source(spec: dict[str, Any], seed: int) -> Callable[[int], Sample]:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
             raise ConfigError(f"data.mix[{i}]: 'weight' must be a positive number, got {w!r}")
         weights.append(float(w))
-    sources = [sample_source({k: v for k, v in part.items() if k != "weight"}, seed) for part in parts]
+    sources = [sample_source({k: v for k, v in part.items() if k != "weight"}, seed, run) for part in parts]
     edges = np.cumsum(weights) / sum(weights)
 
     def get(index: int) -> Sample:
@@ -293,7 +303,6 @@ def train_tower(spec: dict[str, Any], out: Path, *, resume: bool = False, progre
     import vlmlab
     from vlmlab.infer.dual import DualEncoder
     from vlmlab.train.attributes import AttributeRecipe, train_attributes
-    from vlmlab.train.trainer import distributed_barrier, distributed_setup
 
     spec = dict(spec)
     if "init" not in spec:
@@ -396,8 +405,8 @@ def _train_stages(model: VisionLanguageModel, net: nn.Module, recipe: dict[str, 
 
     if getattr(net.cfg, "feature_norm", False) and "from" not in recipe["model"]:
         first = recipe["stages"][0]
-        _calibrate(model, sample_source(first.get("data", {"source": "scenes"}), seed=_stage_config(first).seed),
-                   recipe["model"].get("calibration_images", 64))
+        first_data = sample_source(first.get("data", {"source": "scenes"}), seed=_stage_config(first).seed, run=out)
+        _calibrate(model, first_data, recipe["model"].get("calibration_images", 64))
     lora_used = None
     for i, stage in enumerate(recipe["stages"]):
         name = stage.get("name", f"stage{i}")
@@ -409,7 +418,7 @@ def _train_stages(model: VisionLanguageModel, net: nn.Module, recipe: dict[str, 
             cfg.param_groups = {**cfg.param_groups, **adapters}
         set_gradient_checkpointing(net, bool(stage.get("gradient_checkpointing", False)))
         stage_dir = out / f"{i}-{name}"
-        source = sample_source(stage.get("data", {"source": "scenes"}), seed=cfg.seed)
+        source = sample_source(stage.get("data", {"source": "scenes"}), seed=cfg.seed, run=out)
         batcher = ChatBatcher(model, stage.get("max_length"), stage.get("system"))
         trainer = Trainer(net, next_token_step, batches(source, batcher, cfg.batch_size), cfg, stage_dir,
                           samples_per_batch="samples", find_unused_parameters=True)
