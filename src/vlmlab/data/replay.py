@@ -45,14 +45,14 @@ THINGS = (
     "the Great Wall of China", "coffee", "trees", "the Pacific Ocean",
 )
 TEMPLATES = (
-    ("Tell me a story about {s}.", SUBJECTS),
-    ("Write a short story about {s}.", SUBJECTS),
-    ("Write a short poem about {t}.", THINGS),
-    ("Explain {p} in simple terms.", TOPICS),
-    ("Can you explain {p}?", TOPICS),
-    ("Give me three facts about {t}.", THINGS),
-    ("What do you know about {t}?", THINGS),
-    ("Describe {t} in a few sentences.", THINGS),
+    ("Tell me a story about {x}.", SUBJECTS),
+    ("Write a short story about {x}.", SUBJECTS),
+    ("Write a short poem about {x}.", THINGS),
+    ("Explain {x} in simple terms.", TOPICS),
+    ("Can you explain {x}?", TOPICS),
+    ("Give me three facts about {x}.", THINGS),
+    ("What do you know about {x}?", THINGS),
+    ("Describe {x} in a few sentences.", THINGS),
 )
 SMALL_TALK = (
     "Hi!", "Hello, how are you?", "What can you do?", "Thank you!", "What is the capital of France?",
@@ -63,7 +63,7 @@ SMALL_TALK = (
 def replay_prompts(n: int, seed: int = 0) -> list[str]:
     """`n` distinct requests: stories, poems, explanations, facts and small talk, in a seeded order
     (the first n of one shuffle of all of them, so a larger n extends a smaller one)."""
-    everything = list(SMALL_TALK) + [t.format(s=x, t=x, p=x) for t, xs in TEMPLATES for x in xs]
+    everything = list(SMALL_TALK) + [t.format(x=x) for t, xs in TEMPLATES for x in xs]
     if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= len(everything):
         raise ConfigError(f"replay: n must be an integer in 1..{len(everything)}, got {n!r}")
     order = np.random.default_rng([seed, 0x7265706C]).permutation(len(everything))
