@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""The probes behind docs/scenes-smol.md: what keeps scenes-smol from answering about one of
+several objects. Not part of the library; a script around it, kept so that the numbers in that
+page can be produced again and the next idea tested the same way.
+
+Run from the repository root with the venv active:
+
+    # base: scenes-smol's tower + projector and plain SmolLM2 (no adapter)       (B's starting point)
+    python experiments/scenes_smol_probe.py base --out runs/probe/fromB
+    # the same tower, a projector regressed onto the words of what each token shows   (A; C with
+    # --tower DUAL --pixel-shuffle 1: 196 tokens, a new feature norm; E: a tower trained further)
+    python experiments/scenes_smol_probe.py anchor --out runs/probe/fromA
+    # one training stage from such a folder (the recipe below with `from` = that folder)
+    vlmlab train --recipe runs/probe/stage.toml --out runs/probe/runA
+    # colour / shape / count / exists on test scenes of exactly k objects
+    python experiments/scenes_smol_probe.py eval --model runs/probe/runA/model --objects 1 3 6 --n 20
+    # T: the scene graph as text instead of the image
+    python experiments/scenes_smol_probe.py text-data --n 1000 --out runs/probe/textdata
+    python experiments/scenes_smol_probe.py eval --view text --model runs/probe/runT/model --objects 3 6
+    # D: one token per object (linear heads find the objects); training needs the same view
+    python experiments/scenes_smol_probe.py heads --model runs/probe/fromC --out runs/probe/heads.pt
+    python experiments/scenes_smol_probe.py train --view objects --heads runs/probe/heads.pt \\
+        --recipe runs/probe/stageD.toml --out runs/probe/runD
+
+The stage (`runs/probe/stage.toml`; for T, data = { source = "runs/probe/textdata" }):
+
+    name = "probe"
+    [model]
+    from = "runs/probe/fromA"
+    [[stages]]
+    name = "easy"
+    steps = 100
+    batch_size = 8
+    lr = 1e-3
+    warmup_steps = 10
+    precision = "auto"
+    param_groups = { "" = 0.0, "multi_modal_projector" = 2e-4 }
+    lora = { r = 16, alpha = 32, target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+             "up_proj", "down_proj"], under = "language_model", lr = 1e-3 }
+    data = { source = "scenes", split = "train", base_seed = 2000000, dialogue_turns = 6,
+             tasks = "color,shape,exist,count", scene = { min_objects = 1, max_objects = 3 } }
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import vlmlab
+from vlmlab.connectors.pixel_shuffle import pixel_shuffle
+from vlmlab.data.scenes import COLOR_NAMES, SHAPES, SIZES, SceneConfig
+from vlmlab.eval.harness import evaluate
+from vlmlab.train.attributes import BACKGROUND, dense_scene
+
+SHIPPED = Path(vlmlab.__file__).parent / "weights" / "scenes-smol"
+TASKS = ["color", "shape", "count", "exist"]
+MAX_OBJECT_TOKENS = 10  # view "objects": image tokens per image (objects, then background padding)
+
+
+def base(out: Path, source: Path = SHIPPED) -> Path:
+    """A copy of a parts folder without its LoRA adapter: the plain language model."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        shutil.copy(source / name, out / name)
+    return out
+
+
+def training_scenes(model, n: int) -> list:
+    """(image, per-patch (shape, colour, size) labels) of training scenes 0..n-1, drawn at the
+    tower's image size so that the labels fall on its patch grid."""
+    vision = model.net.cfg.vision
+    config = SceneConfig(width=vision.image_size, height=vision.image_size)
+    return [dense_scene(i, "train", config, vision.image_size // vision.patch_size, vision.patch_size)
+            for i in range(n)]
+
+
+def normalised(net, features: torch.Tensor) -> torch.Tensor:
+    return net.feature_norm(features) if net.cfg.feature_norm else features
+
+
+def word_targets(model) -> tuple[callable, float]:
+    """labels (patches, 3) -> (patches, width): the language model's input embedding of the words
+    for what each patch shows (size + colour + shape, or "background"), normalised to the median
+    embedding norm."""
+    emb = model.net.language_model.model.embed_tokens.weight.detach().float()
+
+    def word(w: str) -> torch.Tensor:
+        return emb[model.tokenizer.encode(" " + w)].mean(0)
+
+    shape = torch.stack([word(s) for s in SHAPES] + [word("background")])
+    color, size = torch.stack([word(c) for c in COLOR_NAMES]), torch.stack([word(s) for s in SIZES])
+    scale = float(emb.norm(dim=1).median())
+
+    def targets(labels: torch.Tensor) -> torch.Tensor:
+        s, c, z = labels.unbind(-1)
+        on = s != BACKGROUND
+        v = shape[s].clone()
+        v[on] += color[c[on]] + size[z[on]]
+        return v / v.norm(dim=-1, keepdim=True) * scale
+
+    return targets, scale
+
+
+def anchor(model, n: int = 4000, steps: int = 3000, batch: int = 64, seed: int = 0, calibrate: bool = False) -> None:
+    """Regress the projector (nothing else) onto word_targets, pooled like the image tokens;
+    `calibrate`: measure the feature norm first (a newly assembled model)."""
+    net = model.net
+    targets, scale = word_targets(model)
+    shuffle = net.cfg.pixel_shuffle
+    scenes = training_scenes(model, n)
+    with torch.no_grad():
+        images = [im for im, _ in scenes]
+        if calibrate:
+            net.calibrate_feature_norm(model.processor(images[:64]))
+        x = torch.cat([normalised(net, net.projector_inputs(model.processor(images[i:i + 64])))
+                       for i in range(0, n, 64)])
+        y = torch.stack([targets(labels) for _, labels in scenes])
+        if shuffle > 1:
+            y = pixel_shuffle(y, shuffle).reshape(n, x.shape[1], shuffle**2, -1).mean(2)
+    proj = net.multi_modal_projector.requires_grad_(True)
+    torch.manual_seed(seed)
+    for layer in proj.modules():  # a new projector, as in a first alignment
+        if isinstance(layer, torch.nn.Linear):
+            layer.reset_parameters()
+    opt = torch.optim.AdamW(proj.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=0.05)
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,))
+        loss = F.mse_loss(proj(x[idx]), y[idx]) * y.shape[-1] / scale**2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 500 == 0 or step == steps - 1:
+            print(f"anchor step {step}: loss {loss.item():.4f}", flush=True)
+
+
+def heads(model, n: int = 3000, steps: int = 1500) -> torch.nn.ModuleDict:
+    """Linear shape-or-background and colour heads on the projector's inputs (a model without pixel
+    shuffle whose feature layer is the last: the tower's last-layer patch tokens)."""
+    net = model.net
+    if net.cfg.pixel_shuffle != 1:
+        raise SystemExit("heads: needs a model without pixel shuffle (196 tokens)")
+    scenes = training_scenes(model, n)
+    with torch.no_grad():
+        x = torch.cat([net.projector_inputs(model.processor([im for im, _ in scenes[i:i + 64]]))
+                       for i in range(0, n, 64)]).flatten(0, 1)
+    y = torch.stack([labels for _, labels in scenes]).flatten(0, 1)
+    out = heads_like(x.shape[-1])
+    opt = torch.optim.AdamW(out.parameters(), 3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (2048,))
+        loss = (F.cross_entropy(out["shape"](x[idx]), y[idx, 0])
+                + F.cross_entropy(out["color"](x[idx]), y[idx, 1], ignore_index=-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return out
+
+
+def objects(shape: list[int], color: list[int], grid: int) -> list[list[int]]:
+    """4-connected patches with the same predicted (shape, colour), background left out."""
+    seen, found = set(), []
+    for start in range(grid * grid):
+        if start in seen or shape[start] == BACKGROUND:
+            continue
+        key, stack, members = (shape[start], color[start]), [start], []
+        seen.add(start)
+        while stack:
+            p = stack.pop()
+            members.append(p)
+            r, c = divmod(p, grid)
+            for q, ok in ((p - grid, r > 0), (p + grid, r < grid - 1), (p - 1, c > 0), (p + 1, c < grid - 1)):
+                if ok and q not in seen and (shape[q], color[q]) == key:
+                    seen.add(q)
+                    stack.append(q)
+        found.append(sorted(members))
+    return found
+
+
+def object_view(model, head_file: Path):
+    """Replace the image tokens by one per found object (the mean of its projected patches, the
+    largest MAX_OBJECT_TOKENS in reading order), padded with the background's mean. Needs a
+    model without pixel shuffle."""
+    net = model.net
+    if net.cfg.pixel_shuffle != 1:
+        raise SystemExit("the objects view needs a model without pixel shuffle (196 tokens)")
+    grid = net.cfg.vision.image_size // net.cfg.vision.patch_size
+    probe = heads_like(net.cfg.vision.hidden_size)
+    probe.load_state_dict(torch.load(head_file))
+    probe.requires_grad_(False)
+
+    def image_features(self, pixel_values):
+        feats = self.projector_inputs(pixel_values)
+        with torch.no_grad():
+            shape, color = (probe[k](feats.float()).argmax(-1) for k in ("shape", "color"))
+        tokens = self.multi_modal_projector(normalised(self, feats))
+        rows = []
+        for b in range(len(pixel_values)):
+            found = sorted(objects(shape[b].tolist(), color[b].tolist(), grid), key=len, reverse=True)
+            found = sorted(found[:MAX_OBJECT_TOKENS], key=lambda m: m[0])
+            background = (shape[b] == BACKGROUND).nonzero().flatten()
+            pad = tokens[b, background].mean(0) if len(background) else tokens[b].mean(0)
+            rows.append(torch.stack([tokens[b, m].mean(0) for m in found] + [pad] * (MAX_OBJECT_TOKENS - len(found))))
+        return torch.stack(rows)
+
+    net.image_features = types.MethodType(image_features, net)
+    model.features_per_image = lambda pixel_values: MAX_OBJECT_TOKENS
+    return model
+
+
+def heads_like(width: int) -> torch.nn.ModuleDict:
+    return torch.nn.ModuleDict({"shape": torch.nn.Linear(width, len(SHAPES) + 1),
+                                "color": torch.nn.Linear(width, len(COLOR_NAMES))})
+
+
+def describe(scene) -> str:
+    """The scene graph in words: "Objects: a large pink star, a small blue circle."."""
+    return "Objects: " + (", ".join(f"a {o.size} {o.color} {o.shape}" for o in scene.objects) or "none") + "."
+
+
+class TextView:
+    """Answers with `model`, shown the scene graph in words where the image would be."""
+
+    kind, name = "vision-language-model", "text view"
+
+    def __init__(self, model):
+        self.model, self.scenes = model, {}
+
+    def watch(self, samples) -> None:
+        self.scenes = {id(s.images[0]): s.scenes[0] for s in samples}
+
+    def ask(self, messages, images=(), **kwargs):
+        text = describe(self.scenes[id(images[0])])
+        return self.model.ask([dict(m, content=m["content"].replace("<image>", text)) for m in messages], [], **kwargs)
+
+
+def text_data(n: int, out: Path) -> None:
+    from vlmlab.train.vlm import sample_source
+
+    source = sample_source({"source": "scenes", "split": "train", "base_seed": 2000000, "dialogue_turns": 6,
+                            "tasks": "color,shape,exist,count", "scene": {"min_objects": 1, "max_objects": 3}})
+    records = []
+    for i in range(n):
+        s = source(i)
+        text = describe(s.scenes[0])
+        records.append({"id": f"text-{i}", "conversations": [
+            {"from": "human" if t.role == "user" else "gpt", "value": t.text.replace("<image>", text)}
+            for t in s.turns]})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data.json").write_text(json.dumps(records))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["base", "anchor", "heads", "text-data", "train", "eval"])
+    ap.add_argument("--model", type=Path, help="a VLM folder (eval, heads)")
+    ap.add_argument("--tower", type=Path, help="anchor: assemble from this dual encoder's tower instead")
+    ap.add_argument("--pixel-shuffle", type=int, default=2, help="anchor with --tower (default 2)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--view", choices=["image", "objects", "text"], default="image")
+    ap.add_argument("--heads", type=Path, help="view objects: the file `heads` wrote")
+    ap.add_argument("--recipe", type=Path, help="train: the one-stage recipe")
+    ap.add_argument("--objects", type=int, nargs="+", default=[1, 3, 6])
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--tasks", nargs="+", default=TASKS)
+    a = ap.parse_args()
+    if a.command == "base":
+        base(a.out)
+    elif a.command == "anchor":
+        if a.tower:
+            model = vlmlab.assemble(a.tower, "smollm2", image_token="<empty_output>", vision_feature_layer=-1,
+                                    pixel_shuffle=a.pixel_shuffle, feature_norm=True)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                model = vlmlab.load(base(Path(tmp)))
+        anchor(model, calibrate=a.tower is not None)
+        model.save(a.out)
+    elif a.command == "heads":
+        torch.save(heads(vlmlab.load(a.model)).state_dict(), a.out)
+    elif a.command == "text-data":
+        text_data(a.n, a.out)
+    elif a.command == "train":
+        import vlmlab.train.vlm as train_vlm
+
+        build = train_vlm.build_model
+        train_vlm.build_model = lambda *args, **kw: object_view(build(*args, **kw), a.heads)
+        train_vlm.train_recipe(a.recipe, a.out)
+    else:
+        model = vlmlab.load(a.model)
+        if a.view == "objects":
+            model = object_view(model, a.heads)
+        elif a.view == "text":
+            import vlmlab.eval.harness as harness
+
+            harness.is_generative = lambda m: True  # the text view answers like a VLM
+            model = TextView(model)
+        for k in a.objects:
+            r = evaluate(model, split="test", n=a.n, tasks=a.tasks, max_new_tokens=24,
+                         config=SceneConfig(min_objects=k, max_objects=k))
+            print(f"{a.model} ({a.view}), {k} objects:",
+                  ", ".join(f"{t} {v:.3f} ({r.counts[t]})" for t, v in r.scores.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

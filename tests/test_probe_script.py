@@ -1,0 +1,81 @@
+"""experiments/scenes_smol_probe.py (the probes behind docs/scenes-smol.md) still runs: its
+object grouping, text view and data, word-anchored projector and one-token-per-object view."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import micro_llava
+from vlmlab.data.llava_json import read_llava_json
+from vlmlab.data.scenes import SceneConfig, generate_sample
+from vlmlab.train.attributes import BACKGROUND
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "scenes_smol_probe.py"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("scenes_smol_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_objects_are_connected_patches_of_one_prediction(probe):
+    B = BACKGROUND
+    shape = [0, 0, B, 1,
+             0, 2, B, 1,
+             B, B, B, B,
+             0, B, 0, 0]
+    color = [5, 5, 0, 3,
+             5, 5, 0, 3,
+             0, 0, 0, 0,
+             5, 0, 5, 1]
+    found = probe.objects(shape, color, 4)
+    assert sorted(found) == [[0, 1, 4], [3, 7], [5], [12], [14], [15]]
+
+
+def test_text_view_data_describes_the_scene_instead_of_the_image(probe, tmp_path):
+    scene = generate_sample("color", 3, "test", SceneConfig(min_objects=2, max_objects=2)).scenes[0]
+    text = probe.describe(scene)
+    assert text.startswith("Objects: a ") and text.count(", ") == 1 and text.endswith(".")
+    probe.text_data(3, tmp_path)
+    samples = read_llava_json(tmp_path / "data.json")
+    assert len(samples) == 3
+    for s in samples:
+        assert not s.images and s.turns[0].text.startswith("Objects: ")
+        assert all("<image>" not in t.text for t in s.turns)
+    assert json.loads((tmp_path / "data.json").read_text())[0]["conversations"][1]["from"] == "gpt"
+
+
+def test_anchor_moves_image_tokens_towards_the_words_they_show(probe):
+    model = micro_llava()
+    net = model.net
+    targets, _ = probe.word_targets(model)
+    scenes = probe.training_scenes(model, 8)
+    pixels = model.processor([im for im, _ in scenes])
+    want = torch.stack([targets(labels) for _, labels in scenes])
+
+    def cosine() -> float:
+        with torch.no_grad():
+            return float(F.cosine_similarity(net.image_features(pixels), want, dim=-1).mean())
+
+    before = cosine()
+    probe.anchor(model, n=8, steps=400, batch=8)
+    assert cosine() > max(before, 0.0) + 0.3
+    assert not any(p.requires_grad for p in net.language_model.parameters())
+
+
+def test_object_view_gives_a_fixed_number_of_tokens_per_image(probe, tmp_path):
+    model = micro_llava()
+    torch.save(probe.heads(model, n=8, steps=2).state_dict(), tmp_path / "heads.pt")
+    probe.object_view(model, tmp_path / "heads.pt")
+    image = generate_sample("color", 0, "test", SceneConfig(width=32, height=32)).images[0]
+    ids, pixels = model.prepare("<image>\nWhat is it?", [image])
+    assert ids.count(model.image_token_id) == probe.MAX_OBJECT_TOKENS
+    assert model.net.image_features(pixels).shape == (1, probe.MAX_OBJECT_TOKENS, model.net.cfg.text.hidden_size)
+    assert model.ask("What is it?", [image], max_new_tokens=2).token_ids
