@@ -260,7 +260,7 @@ def test_clip_attributes_under_torchrun_equal_one_process(tmp_path, minilm_avail
     from launch import assert_same_training, run_helper
 
     run_helper("tiny_lit_attributes.py", tmp_path / "one", timeout=300)
-    run_helper("tiny_lit_attributes.py", tmp_path / "two", procs=2, port=29547, timeout=300)
+    run_helper("tiny_lit_attributes.py", tmp_path / "two", procs=2, timeout=300)
     assert_same_training(tmp_path / "one" / "metrics.jsonl", tmp_path / "two" / "metrics.jsonl",
                          tmp_path / "one" / "model" / "model.safetensors", tmp_path / "two" / "model" / "model.safetensors")
 

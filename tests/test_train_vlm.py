@@ -420,7 +420,7 @@ def _run_micro(out: Path, *, procs: int = 1, accum: int = 1, parallel: str = "dd
     sys.path.insert(0, str(Path(__file__).parent / "helpers"))
     from launch import run_helper
 
-    run_helper("tiny_vlm_train.py", out, 3, accum, parallel, int(lora), procs=procs, port=29541)
+    run_helper("tiny_vlm_train.py", out, 3, accum, parallel, int(lora), procs=procs)
 
 
 def _same_run(a: Path, b: Path) -> None:
