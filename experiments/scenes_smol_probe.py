@@ -8,7 +8,9 @@ Run from the repository root with the venv active:
     # base: scenes-smol's tower + projector and plain SmolLM2 (no adapter)       (B's starting point)
     python experiments/scenes_smol_probe.py base --out runs/probe/fromB
     # the same tower, a projector regressed onto the words of what each token shows   (A; C with
-    # --tower DUAL --pixel-shuffle 1: 196 tokens, a new feature norm; E: a tower trained further)
+    # --tower DUAL --pixel-shuffle 1: 196 tokens, a new feature norm; E: a tower trained further).
+    # DUAL: scenes-smol's tower as a dual encoder, e.g. RUN/tower/model of `vlmlab train --recipe
+    # scenes-smol --out RUN` (its first stage, ~20 min), or `vlmlab train attributes` output
     python experiments/scenes_smol_probe.py anchor --out runs/probe/fromA
     # one training stage from such a folder (the recipe below with `from` = that folder)
     vlmlab train --recipe runs/probe/stage.toml --out runs/probe/runA
@@ -49,6 +51,7 @@ import shutil
 import tempfile
 import types
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +88,7 @@ def normalised(net, features: torch.Tensor) -> torch.Tensor:
     return net.feature_norm(features) if net.cfg.feature_norm else features
 
 
-def word_targets(model) -> tuple[callable, float]:
+def word_targets(model) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
     """labels (patches, 3) -> (patches, width): the language model's input embedding of the words
     for what each patch shows (size + colour + shape, or "background"), normalised to the median
     embedding norm."""
