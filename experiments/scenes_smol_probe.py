@@ -301,9 +301,6 @@ def main() -> None:
         if a.view == "objects":
             model = object_view(model, a.heads)
         elif a.view == "text":
-            import vlmlab.eval.harness as harness
-
-            harness.is_generative = lambda m: True  # the text view answers like a VLM
             model = TextView(model)
         for k in a.objects:
             r = evaluate(model, split="test", n=a.n, tasks=a.tasks, max_new_tokens=24,

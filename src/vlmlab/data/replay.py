@@ -18,6 +18,8 @@ mid-sentence would teach the model to stop mid-sentence); answers without one ar
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -109,9 +111,6 @@ def replay_folder(spec: dict[str, Any], root: Path, *, generate: bool = True) ->
     """The LLaVA-JSON folder of a recipe's `{source = "replay", ...}` (spec without 'source'):
     `root/replay-<hash of the spec>`, generated there unless it exists (or `generate` is False:
     the other processes of a distributed run, which wait for the main one)."""
-    import hashlib
-    import json
-
     from vlmlab.data.llava_json import DATA_FILE, write_llava_json
 
     spec = dict(spec)
