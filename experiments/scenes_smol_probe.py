@@ -5,7 +5,8 @@ page can be produced again and the next idea tested the same way.
 
 Run from the repository root with the venv active:
 
-    # base: scenes-smol's tower + projector and plain SmolLM2 (no adapter)       (B's starting point)
+    # base: scenes-smol's tower + projector and plain SmolLM2 (no adapter)       (B's starting point;
+    # B was measured on v3's parts, commit ebf318e; the package ships v4's now)
     python experiments/scenes_smol_probe.py base --out runs/probe/fromB
     # the same tower, a projector regressed onto the words of what each token shows   (A; C with
     # --tower DUAL --pixel-shuffle 1: 196 tokens, a new feature norm; E: a tower trained further).
@@ -19,6 +20,11 @@ Run from the repository root with the venv active:
     # T: the scene graph as text instead of the image
     python experiments/scenes_smol_probe.py text-data --n 1000 --out runs/probe/textdata
     python experiments/scenes_smol_probe.py eval --view text --model runs/probe/runT/model --objects 3 6
+    # Tenum: the same with count answers that name the counted objects before the number (Tcount,
+    # Tcountenum: add --data-tasks count, every question a count)
+    python experiments/scenes_smol_probe.py text-data --n 800 --count-answer enumerate --out runs/probe/textenum
+    python experiments/scenes_smol_probe.py eval --view text --count-answer enumerate --model runs/probe/runTenum/model \
+        --objects 1 3 6 --tasks count --n 40
     # D: one token per object (linear heads find the objects); training needs the same view
     python experiments/scenes_smol_probe.py heads --model runs/probe/fromC --out runs/probe/heads.pt
     python experiments/scenes_smol_probe.py train --view objects --heads runs/probe/heads.pt \\
@@ -47,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 import types
@@ -230,33 +237,63 @@ def describe(scene) -> str:
 
 
 class TextView:
-    """Answers with `model`, shown the scene graph in words where the image would be."""
+    """Answers with `model`, shown the scene graph in words where the image would be. With
+    `final_count`, an answer that ends in ", so N." (`enumerated_count`) is scored as N alone: the
+    harness scores counts by exact match, and the objects named before are the model's working."""
 
     kind, name = "vision-language-model", "text view"
 
-    def __init__(self, model):
-        self.model, self.scenes = model, {}
+    def __init__(self, model, final_count: bool = False):
+        self.model, self.scenes, self.final_count = model, {}, final_count
 
     def watch(self, samples) -> None:
         self.scenes = {id(s.images[0]): s.scenes[0] for s in samples}
 
     def ask(self, messages, images=(), **kwargs):
         text = describe(self.scenes[id(images[0])])
-        return self.model.ask([dict(m, content=m["content"].replace("<image>", text)) for m in messages], [], **kwargs)
+        answer = self.model.ask([dict(m, content=m["content"].replace("<image>", text)) for m in messages], [],
+                                **kwargs).text
+        final = re.search(r", so (\d+)\.?$", answer.strip()) if self.final_count else None
+        return final.group(1) if final else answer
 
 
-def text_data(n: int, out: Path) -> None:
+COUNT_QUESTION = re.compile(r"^(?:How many|Count the|What is the number of) (.+?)(?: are there\?| are in the image\?|\.|\?)$")
+
+
+def enumerated_count(question: str, scene) -> str:
+    """A count answer that names the objects it counts before the number: "a small red circle, a
+    large red circle, so 2." ("none, so 0."). The first number is still the count (`parse_count`)."""
+    m = COUNT_QUESTION.match(question.replace("<image>", "").strip())
+    if m is None:
+        raise ValueError(f"not a count question: {question!r}")
+    words = m.group(1).split()
+    size = next((w for w in words if w in SIZES), None)
+    color = next((w for w in words if w in COLOR_NAMES), None)
+    shape = None if words[-1] == "objects" else words[-1].removesuffix("s")
+    found = [o for o in scene.objects if (size is None or o.size == size) and (color is None or o.color == color)
+             and (shape is None or o.shape == shape)]
+    return (", ".join(f"a {o.size} {o.color} {o.shape}" for o in found) or "none") + f", so {len(found)}."
+
+
+def text_data(n: int, out: Path, count_answer: str = "number", tasks: str = "color,shape,exist,count") -> None:
+    """n six-question conversations of the `easy` stage with the scene graph in words for the image;
+    count_answer "enumerate" names the counted objects before the number (`enumerated_count`)."""
     from vlmlab.train.vlm import sample_source
 
     source = sample_source({"source": "scenes", "split": "train", "base_seed": 2000000, "dialogue_turns": 6,
-                            "tasks": "color,shape,exist,count", "scene": {"min_objects": 1, "max_objects": 3}})
+                            "tasks": tasks, "scene": {"min_objects": 1, "max_objects": 3}})
     records = []
     for i in range(n):
         s = source(i)
         text = describe(s.scenes[0])
+        turns = [t.text for t in s.turns]
+        if count_answer == "enumerate":
+            for j, t in enumerate(s.turns):
+                if t.answer is not None and t.answer.task == "count":
+                    turns[j] = enumerated_count(turns[j - 1], s.scenes[0])
         records.append({"id": f"text-{i}", "conversations": [
-            {"from": "human" if t.role == "user" else "gpt", "value": t.text.replace("<image>", text)}
-            for t in s.turns]})
+            {"from": "human" if t.role == "user" else "gpt", "value": value.replace("<image>", text)}
+            for t, value in zip(s.turns, turns)]})
     out.mkdir(parents=True, exist_ok=True)
     (out / "data.json").write_text(json.dumps(records))
 
@@ -274,6 +311,10 @@ def main() -> None:
     ap.add_argument("--objects", type=int, nargs="+", default=[1, 3, 6])
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--tasks", nargs="+", default=TASKS)
+    ap.add_argument("--data-tasks", default="color,shape,exist,count", help="text-data: the question mix")
+    ap.add_argument("--count-answer", choices=["number", "enumerate"], default="number",
+                    help="text-data: count answers as the number, or the counted objects named first; eval --view text: "
+                         "score an enumerated count by its final number (64 new tokens)")
     a = ap.parse_args()
     if a.command == "base":
         base(a.out)
@@ -289,7 +330,7 @@ def main() -> None:
     elif a.command == "heads":
         torch.save(heads(vlmlab.load(a.model)).state_dict(), a.out)
     elif a.command == "text-data":
-        text_data(a.n, a.out)
+        text_data(a.n, a.out, a.count_answer, a.data_tasks)
     elif a.command == "train":
         import vlmlab.train.vlm as train_vlm
 
@@ -301,9 +342,9 @@ def main() -> None:
         if a.view == "objects":
             model = object_view(model, a.heads)
         elif a.view == "text":
-            model = TextView(model)
+            model = TextView(model, final_count=a.count_answer == "enumerate")
         for k in a.objects:
-            r = evaluate(model, split="test", n=a.n, tasks=a.tasks, max_new_tokens=24,
+            r = evaluate(model, split="test", n=a.n, tasks=a.tasks, max_new_tokens=64 if a.count_answer == "enumerate" else 24,
                          config=SceneConfig(min_objects=k, max_objects=k))
             print(f"{a.model} ({a.view}), {k} objects:",
                   ", ".join(f"{t} {v:.3f} ({r.counts[t]})" for t, v in r.scores.items()), flush=True)

@@ -1,9 +1,10 @@
 """experiments/scenes_smol_probe.py (the probes behind docs/scenes-smol.md) still runs: its
-object grouping, text view and data, word-anchored projector and one-token-per-object view."""
+object grouping, text view and data (count answers as numbers or enumerated), word-anchored projector and one-token-per-object view."""
 
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -50,6 +51,38 @@ def test_text_view_data_describes_the_scene_instead_of_the_image(probe, tmp_path
         assert not s.images and s.turns[0].text.startswith("Objects: ")
         assert all("<image>" not in t.text for t in s.turns)
     assert json.loads((tmp_path / "data.json").read_text())[0]["conversations"][1]["from"] == "gpt"
+
+
+def test_enumerated_count_answers_name_what_they_count_and_keep_the_number(probe, tmp_path):
+    from vlmlab.eval.metrics import parse_count
+
+    checked = 0
+    for i in range(40):
+        sample = generate_sample("count", i, "train", SceneConfig(min_objects=1, max_objects=4))
+        question, answer = sample.turns[0].text, sample.turns[1].text
+        enumerated = probe.enumerated_count(question, sample.scenes[0])
+        assert parse_count(enumerated) == int(answer), (question, answer, enumerated)
+        listed, number = enumerated.removesuffix(".").split(", so ")
+        assert number == answer
+        items = [] if listed == "none" else listed.split(", ")
+        assert len(items) == int(answer) and all(it.startswith("a ") for it in items), enumerated
+        checked += int(answer) > 0
+    assert checked >= 10  # non-zero counts were among them
+    with pytest.raises(ValueError, match="not a count question"):
+        probe.enumerated_count("What color is the large star?", sample.scenes[0])
+    class Answers:  # a model that answers with an enumerated count
+        def ask(self, messages, images, **kwargs):
+            assert "<image>" not in messages[0]["content"] and not images
+            return SimpleNamespace(text="a small red circle, a large red circle, so 2.")
+
+    view = probe.TextView(Answers(), final_count=True)
+    view.watch([sample])
+    assert view.ask([{"role": "user", "content": question}], sample.images) == "2"
+    view.final_count = False
+    assert view.ask([{"role": "user", "content": question}], sample.images).endswith("so 2.")
+    probe.text_data(30, tmp_path, count_answer="enumerate")
+    answers = [t.text for s in read_llava_json(tmp_path / "data.json") for t in s.turns if t.role == "assistant"]
+    assert any(a.endswith(".") and ", so " in a for a in answers)
 
 
 def test_anchor_moves_image_tokens_towards_the_words_they_show(probe):
