@@ -66,6 +66,7 @@ import torch.nn.functional as F
 import vlmlab
 from vlmlab.connectors.pixel_shuffle import pixel_shuffle
 from vlmlab.data.scenes import COLOR_NAMES, SHAPES, SIZES, SceneConfig
+from vlmlab.data.scenes.tasks import TEMPLATES, Query
 from vlmlab.eval.harness import evaluate
 from vlmlab.train.attributes import BACKGROUND, dense_scene
 
@@ -231,9 +232,13 @@ def heads_like(width: int) -> torch.nn.ModuleDict:
                                 "color": torch.nn.Linear(width, len(COLOR_NAMES))})
 
 
+def object_phrase(o) -> str:
+    return f"a {o.size} {o.color} {o.shape}"
+
+
 def describe(scene) -> str:
     """The scene graph in words: "Objects: a large pink star, a small blue circle."."""
-    return "Objects: " + (", ".join(f"a {o.size} {o.color} {o.shape}" for o in scene.objects) or "none") + "."
+    return "Objects: " + (", ".join(object_phrase(o) for o in scene.objects) or "none") + "."
 
 
 class TextView:
@@ -257,22 +262,22 @@ class TextView:
         return final.group(1) if final else answer
 
 
-COUNT_QUESTION = re.compile(r"^(?:How many|Count the|What is the number of) (.+?)(?: are there\?| are in the image\?|\.|\?)$")
-
-
 def enumerated_count(question: str, scene) -> str:
     """A count answer that names the objects it counts before the number: "a small red circle, a
     large red circle, so 2." ("none, so 0."). The first number is still the count (`parse_count`)."""
-    m = COUNT_QUESTION.match(question.replace("<image>", "").strip())
-    if m is None:
+    question = question.replace("<image>", "").strip()
+    for template in TEMPLATES["count"]:  # "How many {p} are there?" ...; {p} is Query.phrase()
+        m = re.fullmatch(re.escape(template).replace(re.escape("{p}"), "(.+)"), question)
+        if m is not None:
+            break
+    else:
         raise ValueError(f"not a count question: {question!r}")
     words = m.group(1).split()
-    size = next((w for w in words if w in SIZES), None)
-    color = next((w for w in words if w in COLOR_NAMES), None)
-    shape = None if words[-1] == "objects" else words[-1].removesuffix("s")
-    found = [o for o in scene.objects if (size is None or o.size == size) and (color is None or o.color == color)
-             and (shape is None or o.shape == shape)]
-    return (", ".join(f"a {o.size} {o.color} {o.shape}" for o in found) or "none") + f", so {len(found)}."
+    query = Query(color=next((w for w in words if w in COLOR_NAMES), None),
+                  shape=None if words[-1] == "objects" else words[-1].removesuffix("s"),
+                  size=next((w for w in words if w in SIZES), None))
+    found = [o for o in scene.objects if query.matches(o)]
+    return (", ".join(object_phrase(o) for o in found) or "none") + f", so {len(found)}."
 
 
 def text_data(n: int, out: Path, count_answer: str = "number", tasks: str = "color,shape,exist,count") -> None:
@@ -344,7 +349,8 @@ def main() -> None:
         elif a.view == "text":
             model = TextView(model, final_count=a.count_answer == "enumerate")
         for k in a.objects:
-            r = evaluate(model, split="test", n=a.n, tasks=a.tasks, max_new_tokens=64 if a.count_answer == "enumerate" else 24,
+            r = evaluate(model, split="test", n=a.n, tasks=a.tasks,
+                         max_new_tokens=64 if a.count_answer == "enumerate" else 24,
                          config=SceneConfig(min_objects=k, max_objects=k))
             print(f"{a.model} ({a.view}), {k} objects:",
                   ", ".join(f"{t} {v:.3f} ({r.counts[t]})" for t, v in r.scores.items()), flush=True)

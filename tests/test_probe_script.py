@@ -1,5 +1,6 @@
 """experiments/scenes_smol_probe.py (the probes behind docs/scenes-smol.md) still runs: its
-object grouping, text view and data (count answers as numbers or enumerated), word-anchored projector and one-token-per-object view."""
+object grouping, text view and data (count answers as numbers or enumerated), word-anchored
+projector and one-token-per-object view."""
 
 import importlib.util
 import json
@@ -70,6 +71,7 @@ def test_enumerated_count_answers_name_what_they_count_and_keep_the_number(probe
     assert checked >= 10  # non-zero counts were among them
     with pytest.raises(ValueError, match="not a count question"):
         probe.enumerated_count("What color is the large star?", sample.scenes[0])
+
     class Answers:  # a model that answers with an enumerated count
         def ask(self, messages, images, **kwargs):
             assert "<image>" not in messages[0]["content"] and not images
