@@ -25,6 +25,8 @@ Run from the repository root with the venv active:
     python experiments/scenes_smol_probe.py text-data --n 800 --count-answer enumerate --out runs/probe/textenum
     python experiments/scenes_smol_probe.py eval --view text --count-answer enumerate --model runs/probe/runTenum/model \
         --objects 1 3 6 --tasks count --n 40
+    # do image tokens carry their place on the grid? (linear probe: token -> row, column)
+    python experiments/scenes_smol_probe.py positions --model runs/probe/runA/model
     # D: one token per object (linear heads find the objects); training needs the same view
     python experiments/scenes_smol_probe.py heads --model runs/probe/fromC --out runs/probe/heads.pt
     python experiments/scenes_smol_probe.py train --view objects --heads runs/probe/heads.pt \\
@@ -303,10 +305,36 @@ def text_data(n: int, out: Path, count_answer: str = "number", tasks: str = "col
     (out / "data.json").write_text(json.dumps(records))
 
 
+def positions(model, n_train: int = 32, n_test: int = 16, ridge: float = 100.0) -> dict[str, dict[str, float]]:
+    """How well an image token tells its own place on the grid: linear classifiers (ridge
+    regression onto one-hot targets) from each token, the projector's input and the projected token
+    the language model reads, to its row and to its column, fitted on the tokens of n_train
+    training scenes and scored (accuracy; chance 1/grid) on n_test others. The language model can
+    tell where a token is only from what the token carries or from its offset in the sequence."""
+    scenes = training_scenes(model, n_train + n_test)
+    pixels = model.image_inputs([image for image, _ in scenes])[0]
+    with torch.no_grad():
+        inputs = model.net.projector_inputs(pixels).float()
+        tokens = model.net.image_features(pixels).float()
+    grid = round(inputs.shape[1] ** 0.5)
+    where = {"row": torch.arange(grid).repeat_interleave(grid), "column": torch.arange(grid).repeat(grid)}
+    out = {}
+    for name, x in (("projector input", inputs), ("image token", tokens)):
+        train, test = x[:n_train].flatten(0, 1), x[n_train:].flatten(0, 1)
+        mean, std = train.mean(0), train.std(0) + 1e-6
+        train, test = (train - mean) / std, (test - mean) / std
+        for axis, y in where.items():
+            onehot = F.one_hot(y.repeat(n_train), grid).float()
+            w = torch.linalg.solve(train.T @ train + ridge * torch.eye(train.shape[1]), train.T @ (onehot - onehot.mean(0)))
+            right = (test @ w).argmax(1) == y.repeat(n_test)
+            out.setdefault(name, {})[axis] = float(right.float().mean())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["base", "anchor", "heads", "text-data", "train", "eval"])
-    ap.add_argument("--model", type=Path, help="a VLM folder (eval, heads)")
+    ap.add_argument("command", choices=["base", "anchor", "heads", "text-data", "train", "eval", "positions"])
+    ap.add_argument("--model", type=Path, help="a VLM folder (eval, heads, positions)")
     ap.add_argument("--tower", type=Path, help="anchor: assemble from this dual encoder's tower instead")
     ap.add_argument("--pixel-shuffle", type=int, default=2, help="anchor with --tower (default 2)")
     ap.add_argument("--out", type=Path)
@@ -334,6 +362,9 @@ def main() -> None:
         model.save(a.out)
     elif a.command == "heads":
         torch.save(heads(vlmlab.load(a.model)).state_dict(), a.out)
+    elif a.command == "positions":
+        for name, scores in positions(vlmlab.load(a.model)).items():
+            print(f"{a.model}, {name}:", ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     elif a.command == "text-data":
         text_data(a.n, a.out, a.count_answer, a.data_tasks)
     elif a.command == "train":

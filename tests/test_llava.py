@@ -304,3 +304,56 @@ def test_feature_norm_standardises_the_projector_input(vlm_folder, tmp_path):
         dataclasses.replace(cfg, feature_norm="yes")
     with pytest.raises(ConfigError, match="no feature_norm"):
         base.net.calibrate_feature_norm(px)
+
+
+def test_image_positions_add_a_row_and_a_column_embedding(vlm_folder, tmp_path):
+    """image_positions: each projected image token gets rows[r] + columns[c] of its place on the
+    (pixel-shuffled) grid, tokens in raster order; new, they are zeros (the model unchanged);
+    saved as parameters and config.json's vlmlab_image_positions, learnt by gradient; a folder
+    missing them is refused, and a model whose tokens are not a grid cannot have them."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    import vlmlab
+    from vlmlab.infer.vlm import VisionLanguageModel
+
+    folder, _, _ = vlm_folder
+    base = vlmlab.load(folder)
+    cfg = dataclasses.replace(base.net.cfg, image_positions=True)
+    torch.manual_seed(1)
+    net = LlavaNet(cfg).eval()
+    net.load_state_dict({**base.net.state_dict(), **dict(net.image_positions.named_parameters(prefix="image_positions"))})
+    px = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():  # new: the identity
+        torch.testing.assert_close(net.image_features(px), base.net.image_features(px))
+    side = cfg.vision.grid // cfg.pixel_shuffle
+    assert net.image_positions.rows.shape == net.image_positions.columns.shape == (side, cfg.text.hidden_size)
+    net.image_features(px).sum().backward()  # every token reaches its row's and its column's embedding
+    torch.testing.assert_close(net.image_positions.rows.grad, torch.full_like(net.image_positions.rows, 3.0 * side))
+    with torch.no_grad():
+        net.image_positions.rows.normal_()
+        net.image_positions.columns.normal_()
+        moved = net.image_features(px) - base.net.image_features(px)
+    for r in range(side):
+        for c in range(side):
+            torch.testing.assert_close(moved[:, r * side + c],
+                                       (net.image_positions.rows[r] + net.image_positions.columns[c]).expand(3, -1))
+    vlm = VisionLanguageModel(net, base.tokenizer, base.processor, name="placed")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    result = vlm.ask("what is here?", images=[image], max_new_tokens=6, stop_token_ids=[])
+    vlm.save(tmp_path / "saved")
+    assert read_config(tmp_path / "saved")["vlmlab_image_positions"] is True
+    again = vlmlab.load(tmp_path / "saved")
+    assert torch.equal(again.net.image_positions.columns, net.image_positions.columns)
+    assert again.ask("what is here?", images=[image], max_new_tokens=6, stop_token_ids=[]).token_ids == result.token_ids
+    tensors, _ = read_safetensors(tmp_path / "saved")
+    tensors.pop("image_positions.rows")
+    write_safetensors(tmp_path / "saved" / "model.safetensors", tensors)
+    with pytest.raises(CheckpointError, match="image_positions.rows"):
+        vlmlab.load(tmp_path / "saved")
+    with pytest.raises(ConfigError, match="image_positions"):
+        dataclasses.replace(cfg, image_positions=1)
+    with pytest.raises(ConfigError, match="grid"):
+        dataclasses.replace(cfg, vision_feature_select_strategy="full")

@@ -114,3 +114,19 @@ def test_object_view_gives_a_fixed_number_of_tokens_per_image(probe, tmp_path):
     assert ids.count(model.image_token_id) == probe.MAX_OBJECT_TOKENS
     assert model.net.image_features(pixels).shape == (1, probe.MAX_OBJECT_TOKENS, model.net.cfg.text.hidden_size)
     assert model.ask("What is it?", [image], max_new_tokens=2).token_ids
+
+
+def test_positions_reads_the_grid_place_tokens_carry(probe):
+    """positions: linear read-outs of a token's row and column, scored on held-out scenes; image
+    tokens given strong row and column embeddings are read perfectly."""
+    from conftest import MICRO_TEXT, MICRO_VISION
+    from vlmlab.train.vlm import new_llava
+
+    model = new_llava(vision=MICRO_VISION, text=MICRO_TEXT, image_token="<empty_output>", image_positions=True)
+    with torch.no_grad():
+        model.net.image_positions.rows.normal_(std=100.0)
+        model.net.image_positions.columns.normal_(std=100.0)
+    scores = probe.positions(model, n_train=8, n_test=4)
+    assert set(scores) == {"projector input", "image token"}
+    assert all(set(s) == {"row", "column"} and all(0 <= v <= 1 for v in s.values()) for s in scores.values())
+    assert scores["image token"] == {"row": 1.0, "column": 1.0}

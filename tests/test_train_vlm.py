@@ -523,3 +523,20 @@ def test_recipe_calibrates_feature_norm_on_the_first_stage_images(tmp_path):
     recipe["model"]["calibrate"] = 1
     with pytest.raises(ConfigError, match=r"\[model\]: unknown field.*calibrate"):
         train_recipe(recipe, tmp_path / "p", progress=False)
+
+
+def test_recipe_trains_image_positions_by_their_param_group(tmp_path):
+    """A new model with image_positions: zeros at the start; a stage whose param_groups give them
+    a learning rate (and freeze the rest) changes only them, and the saved model keeps them."""
+    import vlmlab
+
+    recipe = micro_recipe(steps=3, param_groups={"": 0.0, "image_positions": 1e-2})
+    recipe["model"] = {"new": {**recipe["model"]["new"], "image_positions": True}}
+    start = new_llava(**recipe["model"]["new"])
+    assert not start.net.image_positions.rows.any() and not start.net.image_positions.columns.any()
+    trained = train_recipe(recipe, tmp_path / "o", progress=False)
+    after = trained.net.state_dict()
+    for k, v in start.net.state_dict().items():
+        assert torch.equal(v, after[k]) == (not k.startswith("image_positions.")), k
+    saved = vlmlab.load(tmp_path / "o" / "model").net
+    assert torch.equal(saved.image_positions.rows, trained.net.image_positions.rows)

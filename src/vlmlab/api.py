@@ -204,7 +204,7 @@ QUANTIZATIONS = ("none", "int4")
 def assemble(vision: str | Path, language_model: str | Path, *, projector: str = "mlp2x_gelu",
              image_token: str = "<image>", vision_feature_layer: int | list[int] = -2,
              vision_feature_select_strategy: str = "default", pixel_shuffle: int = 1, feature_norm: bool = False,
-             dtype: str | torch.dtype | None = None, seed: int = 0) -> VisionLanguageModel:
+             image_positions: bool = False, dtype: str | torch.dtype | None = None, seed: int = 0) -> VisionLanguageModel:
     """A LLaVA from parts: the ViT of a dual encoder (built-in name or CLIP / SigLIP / LiT folder),
     a decoder language model (name, GGUF file or HF folder) with its tokenizer and chat template,
     and a new, randomly initialised projector (train it: projector alignment). `image_token` is
@@ -212,6 +212,7 @@ def assemble(vision: str | Path, language_model: str | Path, *, projector: str =
     is never read: features overwrite it). `pixel_shuffle` = s folds s x s patch features into one
     token (s**2 fewer image tokens). `feature_norm` standardises the projector's input per channel
     (identity until `net.calibrate_feature_norm(pixel_values)` measures it on sample images).
+    `image_positions` adds a learned row + column embedding to each image token (zeros until trained).
     `save()` writes one HF LLaVA folder."""
     dual, lm = load(vision, dtype=dtype), load(language_model, dtype=dtype)
     if not isinstance(dual, DualEncoder):
@@ -230,7 +231,8 @@ def assemble(vision: str | Path, language_model: str | Path, *, projector: str =
         cfg = llava.LlavaConfig(vision_cfg, text_net.cfg, vision_model_type=kind, projector=projector,
                                 vision_feature_layer=vision_feature_layer,
                                 vision_feature_select_strategy=vision_feature_select_strategy,
-                                image_token_id=token_id, pixel_shuffle=pixel_shuffle, feature_norm=feature_norm)
+                                image_token_id=token_id, pixel_shuffle=pixel_shuffle, feature_norm=feature_norm,
+                                image_positions=image_positions)
         torch.manual_seed(seed)
         net = llava.LlavaNet(cfg, language_model=text_net)
     missing = net.vision_tower.load_state_dict(tower.state_dict(), strict=False)

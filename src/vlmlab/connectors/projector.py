@@ -11,6 +11,12 @@ energy); a new projector maps that vector up too, so every image token the langu
 is nearly the same (cosine 0.9 between tokens of one image and between images) and the
 differences that describe the image are a small part of a large input. Standardised, the
 projector starts from the differences.
+
+`GridPositions` is an optional step after the projector: a learned embedding of each image
+token's row plus one of its column, added to the token. A language model reads the image tokens
+in raster order and can tell where a token is only from what it carries or from its offset in the
+sequence; a tower trained to say what is under each patch keeps little of its position embedding
+(experiments/scenes_smol_probe.py positions), and the projector drops most of the rest.
 """
 
 from __future__ import annotations
@@ -76,3 +82,20 @@ class Standardize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class GridPositions(nn.Module):
+    """x + rows[r] + columns[c] for the token at row r, column c of a rows x columns grid, tokens
+    in raster order (x: (..., rows * columns, width)). New: zeros, the identity until trained."""
+
+    def __init__(self, rows: int, columns: int, width: int):
+        super().__init__()
+        self.rows = nn.Parameter(torch.zeros(rows, width))
+        self.columns = nn.Parameter(torch.zeros(columns, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (self.rows[:, None] + self.columns[None]).flatten(0, 1)
+        if x.shape[-2] != grid.shape[0]:
+            raise ConfigError(f"GridPositions: {x.shape[-2]} tokens, expected {self.rows.shape[0]} x "
+                              f"{self.columns.shape[0]} = {grid.shape[0]}")
+        return x + grid.to(x.dtype)

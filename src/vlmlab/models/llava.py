@@ -10,8 +10,10 @@ list whose features are concatenated), with or without the first ([class]) token
 folds every s x s block of patch features into one token before the projector (as Idefics3's
 connector): s**2 times fewer image tokens for the language model to read. `feature_norm` standardises
 the projector's input per channel with statistics measured on sample images (`calibrate_feature_norm`;
-buffers `feature_norm.mean` / `.std`; see `connectors.projector.Standardize`). transformers' LLaVA
-has neither step; vlmlab writes them to config.json as `vlmlab_pixel_shuffle` / `vlmlab_feature_norm`.
+buffers `feature_norm.mean` / `.std`; see `connectors.projector.Standardize`). `image_positions` adds a
+learned row and column embedding to each projected token (`image_positions.rows` / `.columns`;
+`connectors.projector.GridPositions`). transformers' LLaVA has none of these steps; vlmlab writes
+them to config.json as `vlmlab_pixel_shuffle` / `vlmlab_feature_norm` / `vlmlab_image_positions`.
 
 Loads Hugging Face `LlavaForConditionalGeneration` folders in every layout transformers has
 written: 5.x (`language_model.model.*`, `vision_tower.*`), 4.52-4.57
@@ -28,7 +30,7 @@ import torch
 
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
 from vlmlab.connectors.pixel_shuffle import pixel_shuffle
-from vlmlab.connectors.projector import Projector, Standardize
+from vlmlab.connectors.projector import GridPositions, Projector, Standardize
 from vlmlab.errors import ConfigError
 from vlmlab.fusion.placeholders import PlaceholderVLM
 from vlmlab.models import clip, siglip
@@ -38,6 +40,7 @@ from vlmlab.vision.vit import ViTConfig, VisionTransformer
 HF_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 PIXEL_SHUFFLE_FIELD = "vlmlab_pixel_shuffle"  # config.json: a vlmlab LLaVA's pixel shuffle (absent: 1)
 FEATURE_NORM_FIELD = "vlmlab_feature_norm"  # config.json: standardised projector input (absent: false)
+IMAGE_POSITIONS_FIELD = "vlmlab_image_positions"  # config.json: learned row + column embeddings (absent: false)
 
 # vision_config.model_type -> (HF defaults, ViT switches) of that tower family
 VISION_FAMILIES = {
@@ -60,6 +63,7 @@ class LlavaConfig:
     image_seq_length: int | None = None  # features per image; None: the tower's grid after the shuffle
     pixel_shuffle: int = 1  # s > 1: s x s neighbouring patch features -> one token (not in transformers)
     feature_norm: bool = False  # standardise the projector's input with saved statistics (not in transformers)
+    image_positions: bool = False  # add a learned row + column embedding to each image token (not in transformers)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,10 +80,14 @@ class LlavaConfig:
         if s > 1 and (self.vision.grid % s or (self.vision.class_token and self.vision_feature_select_strategy == "full")):
             raise ConfigError(f"pixel_shuffle {s} needs a patch grid whose side ({self.vision.grid}) is a multiple of "
                               f"{s} and no [class] token among the features (vision_feature_select_strategy 'default')")
-        if not isinstance(self.feature_norm, bool):
-            raise ConfigError(f"feature_norm must be true or false, got {self.feature_norm!r}")
+        for name in ("feature_norm", "image_positions"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.image_seq_length is None:
             self.image_seq_length = (self.vision.grid // s) ** 2
+        if self.image_positions and self.vision.class_token and self.vision_feature_select_strategy == "full":
+            raise ConfigError("image_positions needs image tokens on a grid: no [class] token among the features "
+                              "(vision_feature_select_strategy 'default')")
 
     @property
     def feature_layers(self) -> list[int]:
@@ -116,6 +124,7 @@ class LlavaConfig:
             image_seq_length=hf.get("image_seq_length", 576),
             pixel_shuffle=hf.get(PIXEL_SHUFFLE_FIELD, 1),
             feature_norm=hf.get(FEATURE_NORM_FIELD, False),
+            image_positions=hf.get(IMAGE_POSITIONS_FIELD, False),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -126,6 +135,8 @@ class LlavaConfig:
         extensions = {PIXEL_SHUFFLE_FIELD: self.pixel_shuffle} if self.pixel_shuffle > 1 else {}
         if self.feature_norm:
             extensions[FEATURE_NORM_FIELD] = True
+        if self.image_positions:
+            extensions[IMAGE_POSITIONS_FIELD] = True
         return {
             "architectures": list(HF_ARCHITECTURES), "model_type": "llava",
             "vision_config": {**self.vision.to_hf(), "model_type": self.vision_model_type},
@@ -149,6 +160,9 @@ class LlavaNet(PlaceholderVLM):
         if cfg.feature_norm:
             self.feature_norm = Standardize(width)
         self.multi_modal_projector = Projector(cfg.projector, width, cfg.text.hidden_size, cfg.projector_bias)
+        if cfg.image_positions:
+            side = cfg.vision.grid // cfg.pixel_shuffle
+            self.image_positions = GridPositions(side, side, cfg.text.hidden_size)
         self.language_model = language_model if language_model is not None else LlamaForCausalLM(cfg.text)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -156,7 +170,8 @@ class LlavaNet(PlaceholderVLM):
         features = self.projector_inputs(pixel_values)
         if self.cfg.feature_norm:
             features = self.feature_norm(features)
-        return self.multi_modal_projector(features)
+        tokens = self.multi_modal_projector(features)
+        return self.image_positions(tokens) if self.cfg.image_positions else tokens
 
     @torch.no_grad()
     def calibrate_feature_norm(self, pixel_values: torch.Tensor) -> None:
