@@ -540,3 +540,21 @@ def test_recipe_trains_image_positions_by_their_param_group(tmp_path):
         assert torch.equal(v, after[k]) == (not k.startswith("image_positions.")), k
     saved = vlmlab.load(tmp_path / "o" / "model").net
     assert torch.equal(saved.image_positions.rows, trained.net.image_positions.rows)
+
+
+def test_builtin_scenes_smol_recipe_is_well_formed():
+    """Every stage of the shipped model's recipe has a valid training config, and every scene
+    source it mixes gives samples (the replay parts need a run folder and the language model: not
+    generated here, only their fields checked)."""
+    recipe = load_recipe("scenes-smol")
+    names = [s["name"] for s in recipe["stages"]]
+    assert names == ["align", "easy", "mid", "full", "chat", "count", "locate", "polish"]
+    for stage in recipe["stages"]:
+        train_vlm._stage_config(stage)
+        parts = stage["data"].get("mix", [stage["data"]])
+        for part in parts:
+            if part.get("source") == "replay":
+                assert set(part) == {"weight", "source", "language_model", "n", "max_new_tokens"}
+                continue
+            source = sample_source({k: v for k, v in part.items() if k != "weight"}, seed=1)
+            assert all(source(i).turns for i in range(3)), stage["name"]
