@@ -259,14 +259,34 @@ def test_pixel_shuffle_folds_patch_features(vlm_folder, tmp_path):
         dataclasses.replace(cfg, vision_feature_select_strategy="full")
 
 
+def _saved_and_needed(vlm, tmp_path, field: str, kept: str, removed: str) -> None:
+    """A vlmlab extension of the LLaVA layout survives save + load: config.json says `field`, the
+    tensor `kept` comes back equal, the reloaded model answers with the same tokens; and a folder
+    without the tensor `removed` is refused by name."""
+    import numpy as np
+    from PIL import Image
+
+    import vlmlab
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    result = vlm.ask("what is here?", images=[image], max_new_tokens=6, stop_token_ids=[])
+    vlm.save(tmp_path / "saved")
+    assert read_config(tmp_path / "saved")[field] is True
+    again = vlmlab.load(tmp_path / "saved")
+    assert torch.equal(again.net.state_dict()[kept], vlm.net.state_dict()[kept])
+    assert again.ask("what is here?", images=[image], max_new_tokens=6, stop_token_ids=[]).token_ids == result.token_ids
+    tensors, _ = read_safetensors(tmp_path / "saved")
+    tensors.pop(removed)
+    write_safetensors(tmp_path / "saved" / "model.safetensors", tensors)
+    with pytest.raises(CheckpointError, match=removed):
+        vlmlab.load(tmp_path / "saved")
+
+
 def test_feature_norm_standardises_the_projector_input(vlm_folder, tmp_path):
     """feature_norm: the projector reads (x - mean) / std of its inputs, with statistics measured
     by calibrate_feature_norm on sample images (each channel then has mean 0, std 1 over them),
     saved as buffers and config.json's vlmlab_feature_norm; a folder missing them is refused."""
     import dataclasses
-
-    import numpy as np
-    from PIL import Image
 
     import vlmlab
     from vlmlab.infer.vlm import VisionLanguageModel
@@ -287,19 +307,8 @@ def test_feature_norm_standardises_the_projector_input(vlm_folder, tmp_path):
     torch.testing.assert_close(flat.std(0), torch.ones(flat.shape[-1]), atol=1e-4, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(net.image_features(px), net.multi_modal_projector(standard))
-    vlm = VisionLanguageModel(net, base.tokenizer, base.processor, name="standardised")
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
-    result = vlm.ask("what is here?", images=[image], max_new_tokens=6, stop_token_ids=[])
-    vlm.save(tmp_path / "saved")
-    assert read_config(tmp_path / "saved")["vlmlab_feature_norm"] is True
-    again = vlmlab.load(tmp_path / "saved")
-    assert torch.equal(again.net.feature_norm.std, net.feature_norm.std)
-    assert again.ask("what is here?", images=[image], max_new_tokens=6, stop_token_ids=[]).token_ids == result.token_ids
-    tensors, _ = read_safetensors(tmp_path / "saved")
-    tensors.pop("feature_norm.mean")
-    write_safetensors(tmp_path / "saved" / "model.safetensors", tensors)
-    with pytest.raises(CheckpointError, match="feature_norm.mean"):
-        vlmlab.load(tmp_path / "saved")
+    _saved_and_needed(VisionLanguageModel(net, base.tokenizer, base.processor, name="standardised"), tmp_path,
+                      "vlmlab_feature_norm", "feature_norm.std", "feature_norm.mean")
     with pytest.raises(ConfigError, match="feature_norm"):
         dataclasses.replace(cfg, feature_norm="yes")
     with pytest.raises(ConfigError, match="no feature_norm"):
@@ -312,9 +321,6 @@ def test_image_positions_add_a_row_and_a_column_embedding(vlm_folder, tmp_path):
     saved as parameters and config.json's vlmlab_image_positions, learnt by gradient; a folder
     missing them is refused, and a model whose tokens are not a grid cannot have them."""
     import dataclasses
-
-    import numpy as np
-    from PIL import Image
 
     import vlmlab
     from vlmlab.infer.vlm import VisionLanguageModel
@@ -340,19 +346,8 @@ def test_image_positions_add_a_row_and_a_column_embedding(vlm_folder, tmp_path):
         for c in range(side):
             torch.testing.assert_close(moved[:, r * side + c],
                                        (net.image_positions.rows[r] + net.image_positions.columns[c]).expand(3, -1))
-    vlm = VisionLanguageModel(net, base.tokenizer, base.processor, name="placed")
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
-    result = vlm.ask("what is here?", images=[image], max_new_tokens=6, stop_token_ids=[])
-    vlm.save(tmp_path / "saved")
-    assert read_config(tmp_path / "saved")["vlmlab_image_positions"] is True
-    again = vlmlab.load(tmp_path / "saved")
-    assert torch.equal(again.net.image_positions.columns, net.image_positions.columns)
-    assert again.ask("what is here?", images=[image], max_new_tokens=6, stop_token_ids=[]).token_ids == result.token_ids
-    tensors, _ = read_safetensors(tmp_path / "saved")
-    tensors.pop("image_positions.rows")
-    write_safetensors(tmp_path / "saved" / "model.safetensors", tensors)
-    with pytest.raises(CheckpointError, match="image_positions.rows"):
-        vlmlab.load(tmp_path / "saved")
+    _saved_and_needed(VisionLanguageModel(net, base.tokenizer, base.processor, name="placed"), tmp_path,
+                      "vlmlab_image_positions", "image_positions.columns", "image_positions.rows")
     with pytest.raises(ConfigError, match="image_positions"):
         dataclasses.replace(cfg, image_positions=1)
     with pytest.raises(ConfigError, match="grid"):
