@@ -314,8 +314,9 @@ def positions(model, n_train: int = 32, n_test: int = 16, ridge: float = 100.0) 
     scenes = training_scenes(model, n_train + n_test)
     pixels = model.image_inputs([image for image, _ in scenes])[0]
     with torch.no_grad():
-        inputs = model.net.projector_inputs(pixels).float()
-        tokens = model.net.image_features(pixels).float()
+        inputs = model.net.projector_inputs(pixels)
+        tokens = model.net.project(inputs).float()
+        inputs = inputs.float()
     grid = round(inputs.shape[1] ** 0.5)
     where = {"row": torch.arange(grid).repeat_interleave(grid), "column": torch.arange(grid).repeat(grid)}
     out = {}

@@ -77,7 +77,8 @@ class LlavaConfig:
         s = self.pixel_shuffle
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
             raise ConfigError(f"pixel_shuffle must be a positive integer, got {s!r}")
-        if s > 1 and (self.vision.grid % s or (self.vision.class_token and self.vision_feature_select_strategy == "full")):
+        with_class_token = self.vision.class_token and self.vision_feature_select_strategy == "full"
+        if s > 1 and (self.vision.grid % s or with_class_token):
             raise ConfigError(f"pixel_shuffle {s} needs a patch grid whose side ({self.vision.grid}) is a multiple of "
                               f"{s} and no [class] token among the features (vision_feature_select_strategy 'default')")
         for name in ("feature_norm", "image_positions"):
@@ -85,7 +86,7 @@ class LlavaConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.image_seq_length is None:
             self.image_seq_length = (self.vision.grid // s) ** 2
-        if self.image_positions and self.vision.class_token and self.vision_feature_select_strategy == "full":
+        if self.image_positions and with_class_token:
             raise ConfigError("image_positions needs image tokens on a grid: no [class] token among the features "
                               "(vision_feature_select_strategy 'default')")
 
@@ -167,7 +168,11 @@ class LlavaNet(PlaceholderVLM):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, features per image, LM width): the selected layers' tokens, projected."""
-        features = self.projector_inputs(pixel_values)
+        return self.project(self.projector_inputs(pixel_values))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """`projector_inputs` -> the image tokens the language model reads (feature norm, projector,
+        grid positions)."""
         if self.cfg.feature_norm:
             features = self.feature_norm(features)
         tokens = self.multi_modal_projector(features)
