@@ -27,6 +27,9 @@ Run from the repository root with the venv active:
         --objects 1 3 6 --tasks count --n 40
     # do image tokens carry their place on the grid? (linear probe: token -> row, column)
     python experiments/scenes_smol_probe.py positions --model runs/probe/runA/model
+    # does the language model name where things are? boxes, points, teacher-forced first digits of
+    # the box numbers, caption regions, on scenes of exactly k objects
+    python experiments/scenes_smol_probe.py place --model runs/probe/runA/model --objects 1 --n 20
     # D: one token per object (linear heads find the objects); training needs the same view
     python experiments/scenes_smol_probe.py heads --model runs/probe/fromC --out runs/probe/heads.pt
     python experiments/scenes_smol_probe.py train --view objects --heads runs/probe/heads.pt \\
@@ -62,6 +65,7 @@ import types
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +73,8 @@ import vlmlab
 from vlmlab.connectors.pixel_shuffle import pixel_shuffle
 from vlmlab.data.scenes import COLOR_NAMES, SHAPES, SIZES, SceneConfig
 from vlmlab.data.scenes.tasks import TEMPLATES, Query
-from vlmlab.eval.harness import evaluate
+from vlmlab.eval import box_iou
+from vlmlab.eval.harness import bench_samples, evaluate
 from vlmlab.train.attributes import BACKGROUND, dense_scene
 
 SHIPPED = Path(vlmlab.__file__).parent / "weights" / "scenes-smol"
@@ -332,10 +337,73 @@ def positions(model, n_train: int = 32, n_test: int = 16, ridge: float = 100.0) 
     return out
 
 
+BOX_NUMBERS = ("x0", "y0", "x1", "y1")
+REGIONS = ("in the top left", "at the top", "in the top right", "on the left", "in the center", "on the right",
+           "in the bottom left", "at the bottom", "in the bottom right")
+
+
+def digit_slots(pieces: list[str]) -> list[tuple[str, int] | None]:
+    """For the tokens of a box answer "(x0,y0),(x1,y1)": which number and which of its digits each
+    token is (None for the brackets and commas); digits are single tokens in SmolLM2's vocabulary."""
+    slots, number, digit = [], 0, 0
+    for piece in pieces:
+        if piece.isdigit() and number < len(BOX_NUMBERS):
+            slots.append((BOX_NUMBERS[number], digit))
+            digit += 1
+        else:
+            slots.append(None)
+            if digit:
+                number, digit = number + 1, 0
+    return slots
+
+
+def place(model, n: int = 20, k: int = 1) -> dict[str, float]:
+    """Does the model know where things are? On n test scenes of exactly k objects: grounding
+    (accuracy at IoU 0.5, mean IoU, box-centre error in pixels, correlation of the box centre with
+    the true one along x and y), pointing accuracy, the teacher-forced accuracy of each box number's
+    first digit (its hundreds: which tenth of the image; chance 0.1; x1 and y1 follow from x0, y0
+    and the size), and how often a detailed caption puts a one-object scene's object in the right
+    ninth of the image (k = 1 only; chance 1/9)."""
+    from vlmlab.train.vlm import IGNORE_INDEX, ChatBatcher
+
+    config = SceneConfig(min_objects=k, max_objects=k)
+    report = evaluate(model, split="test", n=n, tasks=["ground", "point"], config=config)
+    boxes = [p for p in report.predictions if p.answer.kind == "box"]
+    found = [(np.asarray(p.parsed, float), np.asarray(p.answer.value, float)) for p in boxes if p.parsed is not None]
+    centres = np.array([((b[:2] + b[2:]) / 2, (t[:2] + t[2:]) / 2) for b, t in found]).reshape(-1, 2, 2)
+    out = {"ground": float(np.mean([p.score for p in boxes])),
+           "mean IoU": float(np.sum([box_iou(b, t) for b, t in found]) / max(1, len(boxes))),
+           "centre error px": float(np.linalg.norm(centres[:, 0] - centres[:, 1], axis=1).mean()) if len(found) else float("nan"),
+           "point": float(np.mean([p.score for p in report.predictions if p.answer.kind == "points"]))}
+    for j, axis in enumerate("xy"):
+        out[f"corr {axis}"] = float(np.corrcoef(centres[:, 0, j], centres[:, 1, j])[0, 1]) if len(found) > 2 else float("nan")
+    batcher, hits = ChatBatcher(model), {}
+    with torch.no_grad():
+        for sample in bench_samples("test", n, ["ground"], config):
+            batch = batcher([sample])
+            logits = model.net(batch["input_ids"], batch.get("pixel_values"), attention_mask=batch["attention_mask"])
+            gold, guess = batch["labels"][0, 1:], logits[0, :-1].argmax(-1)
+            at = (gold != IGNORE_INDEX).nonzero().flatten().tolist()
+            for i, slot in zip(at, digit_slots([model.tokenizer.decode([int(gold[i])]) for i in at])):
+                if slot is not None and slot[1] == 0:
+                    hits.setdefault(slot[0], []).append(float(guess[i] == gold[i]))
+    out.update({f"{name} first digit": float(np.mean(hits[name])) for name in BOX_NUMBERS if name in hits})
+    if k == 1:
+        captions = evaluate(model, split="test", n=n, tasks=["caption_detailed"], config=config).predictions
+        named = [([r for r in REGIONS if r in p.text], [r for r in REGIONS if r in _reference(p.answer.value)])
+                 for p in captions]
+        out["caption region"] = float(np.mean([bool(said) and said[0] == truth[0] for said, truth in named if truth]))
+    return out
+
+
+def _reference(value) -> str:
+    return value if isinstance(value, str) else value[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["base", "anchor", "heads", "text-data", "train", "eval", "positions"])
-    ap.add_argument("--model", type=Path, help="a VLM folder (eval, heads, positions)")
+    ap.add_argument("command", choices=["base", "anchor", "heads", "text-data", "train", "eval", "positions", "place"])
+    ap.add_argument("--model", type=Path, help="a VLM folder (eval, heads, positions, place)")
     ap.add_argument("--tower", type=Path, help="anchor: assemble from this dual encoder's tower instead")
     ap.add_argument("--pixel-shuffle", type=int, default=2, help="anchor with --tower (default 2)")
     ap.add_argument("--out", type=Path)
@@ -366,6 +434,11 @@ def main() -> None:
     elif a.command == "positions":
         for name, scores in positions(vlmlab.load(a.model)).items():
             print(f"{a.model}, {name}:", ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    elif a.command == "place":
+        model = vlmlab.load(a.model)
+        for k in a.objects:
+            print(f"{a.model}, {k} objects:", ", ".join(f"{key} {v:.2f}" for key, v in place(model, a.n, k).items()),
+                  flush=True)
     elif a.command == "text-data":
         text_data(a.n, a.out, a.count_answer, a.data_tasks)
     elif a.command == "train":

@@ -1,6 +1,6 @@
 """experiments/scenes_smol_probe.py (the probes behind docs/scenes-smol.md) still runs: its
 object grouping, text view and data (count answers as numbers or enumerated), word-anchored
-projector and one-token-per-object view."""
+projector, one-token-per-object view, position read-outs and the place measurements."""
 
 import importlib.util
 import json
@@ -130,3 +130,19 @@ def test_positions_reads_the_grid_place_tokens_carry(probe):
     assert set(scores) == {"projector input", "image token"}
     assert all(set(s) == {"row", "column"} and all(0 <= v <= 1 for v in s.values()) for s in scores.values())
     assert scores["image token"] == {"row": 1.0, "column": 1.0}
+
+
+def test_digit_slots_name_each_digit_of_a_box_answer(probe):
+    pieces = list("(634,737),(683,817)") + ["<|im_end|>", "5"]
+    slots = [s for s in probe.digit_slots(pieces) if s is not None]
+    assert slots == [(n, d) for n in ("x0", "y0", "x1", "y1") for d in range(3)]
+    assert probe.digit_slots(["(", "12", ",", "5"]) == [None, ("x0", 0), None, ("y0", 0)]
+
+
+def test_place_measures_boxes_points_first_digits_and_caption_regions(probe):
+    """place: a random micro model's scores are all there and in range (its boxes rarely parse, so
+    the centre error and correlations may be undefined)."""
+    scores = probe.place(micro_llava(), n=2, k=1)
+    assert {"ground", "mean IoU", "point", "x0 first digit", "y0 first digit", "caption region"} <= set(scores)
+    for key in ("ground", "mean IoU", "point", "x0 first digit", "y0 first digit", "x1 first digit", "y1 first digit"):
+        assert 0.0 <= scores[key] <= 1.0, key
