@@ -25,32 +25,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 import vlmlab
-from vlmlab.api import PARTS_FIELD
-from vlmlab.checkpoints.hf import read_safetensors
 from vlmlab.checkpoints.peft import load_adapter
-from vlmlab.models import llava
+from vlmlab.models.llava import PEFT_KEY_MAP
 from vlmlab.train import vlm
 from vlmlab.train.trainer import Trainer
 
 
 def reference(parts: Path) -> dict[str, torch.Tensor]:
-    """The parts as one unpacked LlavaNet state dict, LoRA adapters kept apart (not merged)."""
-    config = json.loads((parts / "config.json").read_text())
-    cfg = llava.LlavaConfig.from_hf(config)
-    tensors, origin = read_safetensors(parts)
-    lm = vlmlab.load(config[PARTS_FIELD], dtype=torch.float32)
-    with lm.unpacked() as text_net:
-        net = llava.LlavaNet(cfg, language_model=text_net)
-    net.load_hf_tensors(tensors, origin, torch.float32, with_language_model=False)
-    if (parts / "adapter").is_dir():
-        load_adapter(net, parts / "adapter", key_map=llava.PEFT_KEY_MAP, merge=False)
-    return net.state_dict()
+    """The parts as one unpacked LlavaNet state dict, LoRA adapters kept apart (not merged): the
+    parts loaded without their adapter folder, which is then added unmerged."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+            if (parts / name).is_file():
+                (Path(tmp) / name).symlink_to((parts / name).resolve())
+        model = vlmlab.load(tmp, dtype=torch.float32)
+    with model.unpacked() as net:
+        if (parts / "adapter").is_dir():
+            load_adapter(net, parts / "adapter", key_map=PEFT_KEY_MAP, merge=False)
+        return net.state_dict()
 
 
 def seed_tower(spec: dict, ref: dict[str, torch.Tensor], out: Path) -> None:
@@ -63,22 +62,17 @@ def seed_tower(spec: dict, ref: dict[str, torch.Tensor], out: Path) -> None:
                                                "seeded": True}) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--parts", required=True, type=Path, help="the shipped parts folder")
-    ap.add_argument("--done", required=True, type=int, help="how many of the recipe's stages the parts hold")
-    ap.add_argument("--out", required=True, type=Path, help="the run folder to write")
-    args = ap.parse_args(argv)
-
-    recipe = vlm.load_recipe(args.recipe)
+def seed(recipe: dict | str | Path, parts: Path, done: int, out: Path) -> None:
+    """Write the run folder `out` of `recipe` (a dict, built-in name or .toml) whose first `done`
+    stages the `parts` folder holds; refuses (SystemExit) parts that are not that run's."""
+    recipe = dict(recipe) if isinstance(recipe, dict) else vlm.load_recipe(recipe)
     if "assemble" not in recipe["model"]:
         raise SystemExit("seed_run: only recipes with [model.assemble] ship parts")
-    recipe["stages"] = recipe["stages"][:args.done]
-    ref = reference(args.parts)
-    args.out.mkdir(parents=True, exist_ok=True)
+    recipe["stages"] = recipe["stages"][:done]
+    ref = reference(parts)
+    out.mkdir(parents=True, exist_ok=True)
     if "tower" in recipe["model"]:
-        seed_tower(recipe["model"]["tower"], ref, args.out / "tower")
+        seed_tower(recipe["model"]["tower"], ref, out / "tower")
 
     class Seeded(Trainer):
         def fit(self, resume: bool = False, progress: bool = True) -> list:
@@ -92,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
 
     vlm.Trainer = Seeded
     try:
-        model = vlm.train_recipe(recipe, args.out, resume=True, progress=False)
+        model = vlm.train_recipe(recipe, out, resume=True, progress=False)
     finally:
         vlm.Trainer = Trainer
     with model.unpacked() as net:
@@ -101,13 +95,22 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"seed_run: {name} measured again differs from the parts' "
                                  f"(max {(t - ref[name]).abs().max().item():.3g}): not the same tower or data")
     for file in ("model.safetensors", "adapter/adapter_model.safetensors"):
-        if not (args.parts / file).is_file():
+        if not (parts / file).is_file():
             continue
-        given, written = load_file(args.parts / file), load_file(args.out / "parts" / file)
+        given, written = load_file(parts / file), load_file(out / "parts" / file)
         if set(given) - set(written) or any(not torch.equal(given[k], written[k]) for k in given):
-            raise SystemExit(f"seed_run: {args.out / 'parts' / file} differs from {args.parts / file}")
-    print(f"{args.out}: {args.done} stages seeded; RUN/parts equals {args.parts}")
+            raise SystemExit(f"seed_run: {out / 'parts' / file} differs from {parts / file}")
+    print(f"{out}: {done} stages seeded; its parts equal {parts}")
 
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--parts", required=True, type=Path, help="the shipped parts folder")
+    ap.add_argument("--done", required=True, type=int, help="how many of the recipe's stages the parts hold")
+    ap.add_argument("--out", required=True, type=Path, help="the run folder to write")
+    args = ap.parse_args(argv)
+    seed(args.recipe, args.parts, args.done, args.out)
 
 if __name__ == "__main__":
     main()

@@ -37,9 +37,7 @@ def test_seeded_run_resumes_into_appended_stages(tmp_path, monkeypatch):
 
     grown = {**shipped, "model": {**shipped["model"], "assemble": {**assemble, "image_positions": True}},
              "stages": shipped["stages"] + [_stage("c", True, image_positions=3e-2)]}
-    (tmp_path / "grown.toml").write_text(_toml(grown))
-    seed_run.main(["--recipe", str(tmp_path / "grown.toml"), "--parts", str(parts), "--done", "2",
-                   "--out", str(tmp_path / "run")])
+    seed_run.seed(grown, parts, 2, tmp_path / "run")
     seeded = load_file(tmp_path / "run" / "parts" / "model.safetensors")
     assert not seeded["image_positions.rows"].any()
     assert all(torch.equal(v, seeded[k]) for k, v in load_file(parts / "model.safetensors").items())
@@ -50,31 +48,11 @@ def test_seeded_run_resumes_into_appended_stages(tmp_path, monkeypatch):
     fitted = []
     fit = trainer.Trainer.fit
     monkeypatch.setattr(trainer.Trainer, "fit", lambda self, *a, **k: fitted.append(self.out.name) or fit(self, *a, **k))
-    model = train_recipe(tmp_path / "grown.toml", tmp_path / "run", resume=True, progress=False)
+    model = train_recipe(grown, tmp_path / "run", resume=True, progress=False)
     assert fitted == ["2-c"]  # the seeded stages are loaded, only the appended one trains
     assert model.net.image_positions.rows.any()
 
     with pytest.raises(SystemExit, match="differs"):  # parts that are not this recipe's run are refused
         other = {**grown, "stages": [{**s, "data": {**s["data"], "base_seed": 5}} for s in grown["stages"]]}
-        (tmp_path / "other.toml").write_text(_toml(other))
-        seed_run.main(["--recipe", str(tmp_path / "other.toml"), "--parts", str(parts), "--done", "2",
-                       "--out", str(tmp_path / "run2")])
+        seed_run.seed(other, parts, 2, tmp_path / "run2")
 
-
-def _toml(recipe: dict) -> str:
-    """The few TOML forms these recipes need (tables, arrays of tables, inline values)."""
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f'"{k}" = {value(x)}' for k, x in v.items()) + " }"
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(v)
-
-    lines = [f'name = {value(recipe["name"])}', "[model]"]
-    lines += [f"{k} = {value(v)}" for k, v in recipe["model"].items() if not isinstance(v, dict)]
-    lines += ["[model.assemble]"] + [f"{k} = {value(v)}" for k, v in recipe["model"]["assemble"].items()]
-    for stage in recipe["stages"]:
-        lines += ["[[stages]]"] + [f"{k} = {value(v)}" for k, v in stage.items()]
-    return "\n".join(lines) + "\n"
