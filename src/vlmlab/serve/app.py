@@ -95,10 +95,16 @@ class Server:
 
 async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON, refused past `limit` bytes even without a Content-Length."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks, size, stream = [], 0, request.stream()
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
+            # Read and drop the rest (up to DRAIN_CAP) before answering, as _drain does for a declared
+            # length: answering mid-upload would reach the client as a reset connection, not a 413.
+            async for chunk in stream:
+                size += len(chunk)
+                if size > DRAIN_CAP:
+                    break
             raise ApiError(413, f"request body is larger than the limit of {limit:,} bytes (max_body_bytes)")
         chunks.append(chunk)
     try:
@@ -145,7 +151,10 @@ class Guard:
                 self.server.metrics.observe(route, 499 if status < 500 else status, time.perf_counter() - start)
 
 
-async def _drain(receive, declared: int, cap: int = 256 * 1024 * 1024) -> None:
+DRAIN_CAP = 256 * 1024 * 1024  # the most of a refused body read (and dropped) before answering it
+
+
+async def _drain(receive, declared: int, cap: int = DRAIN_CAP) -> None:
     """Read and drop a refused body (up to `cap`), so the client gets the answer rather than a
     reset connection in the middle of its upload."""
     seen = 0
