@@ -30,6 +30,12 @@ Run from the repository root with the venv active:
     # does the language model name where things are? boxes, points, teacher-forced first digits of
     # the box numbers, caption regions, on scenes of exactly k objects
     python experiments/scenes_smol_probe.py place --model runs/probe/runA/model --objects 1 --n 20
+    # does the tokens' raster order help y over x? the shipped model with zero grid positions (its
+    # adapter kept), one one-object stage (docs/scenes-smol.md) with the tokens fed column by column,
+    # in raster order, or both (98 tokens); place then needs the same --order
+    python experiments/scenes_smol_probe.py base --keep-adapter --image-positions --out runs/probe/v5pos
+    python experiments/scenes_smol_probe.py train --order column --recipe runs/probe/lone.toml --out runs/probe/col
+    python experiments/scenes_smol_probe.py place --order column --model runs/probe/col/model --objects 1
     # D: one token per object (linear heads find the objects); training needs the same view
     python experiments/scenes_smol_probe.py heads --model runs/probe/fromC --out runs/probe/heads.pt
     python experiments/scenes_smol_probe.py train --view objects --heads runs/probe/heads.pt \\
@@ -82,12 +88,55 @@ TASKS = ["color", "shape", "count", "exist"]
 MAX_OBJECT_TOKENS = 10  # view "objects": image tokens per image (objects, then background padding)
 
 
-def base(out: Path, source: Path = SHIPPED) -> Path:
-    """A copy of a parts folder without its LoRA adapter: the plain language model."""
+def base(out: Path, source: Path = SHIPPED, *, adapter: bool = False, image_positions: bool = False) -> Path:
+    """A copy of a parts folder without its LoRA adapter (the plain language model) or, with
+    `adapter`, with it; `image_positions`: with zero (untrained) grid positions added."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         shutil.copy(source / name, out / name)
+    if adapter:
+        shutil.copytree(source / "adapter", out / "adapter", dirs_exist_ok=True)
+    if image_positions:
+        from safetensors.torch import load_file, save_file
+
+        from vlmlab.models.llava import IMAGE_POSITIONS_FIELD
+
+        config = json.loads((out / "config.json").read_text())
+        if config.get(IMAGE_POSITIONS_FIELD):
+            raise SystemExit(f"{source} already has image positions")
+        config[IMAGE_POSITIONS_FIELD] = True
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        tensors = load_file(out / "model.safetensors")
+        vision = config["vision_config"]
+        side = vision["image_size"] // vision["patch_size"] // config["vlmlab_pixel_shuffle"]
+        width = tensors["multi_modal_projector.linear_2.weight"].shape[0]
+        tensors.update({f"image_positions.{k}": torch.zeros(side, width) for k in ("rows", "columns")})
+        save_file(tensors, out / "model.safetensors")
     return out
+
+
+def token_order(model, order: str):
+    """Feed the language model the image tokens column by column instead of row by row ("column"),
+    or both ways, the 49 tokens in raster order followed by the same in column order ("both", 98
+    tokens); each token keeps its own grid position embedding. Which of x and y does the sequence
+    order help the language model name?"""
+    if order == "raster":
+        return model
+    if order not in ("column", "both"):
+        raise ValueError(f"order must be raster, column or both, not {order!r}")
+    net = model.net
+    side = net.cfg.vision.image_size // net.cfg.vision.patch_size // net.cfg.pixel_shuffle
+    project, per_image = net.project, model.features_per_image
+
+    def reordered(features: torch.Tensor) -> torch.Tensor:
+        tokens = project(features)
+        column = tokens.unflatten(-2, (side, side)).transpose(-3, -2).flatten(-3, -2)
+        return column if order == "column" else torch.cat([tokens, column], dim=-2)
+
+    net.project = reordered
+    if order == "both":
+        model.features_per_image = lambda pixel_values: 2 * per_image(pixel_values)
+    return model
 
 
 def training_scenes(model, n: int) -> list:
@@ -408,6 +457,11 @@ def main() -> None:
     ap.add_argument("--pixel-shuffle", type=int, default=2, help="anchor with --tower (default 2)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--view", choices=["image", "objects", "text"], default="image")
+    ap.add_argument("--order", choices=["raster", "column", "both"], default="raster",
+                    help="train, eval, place: the order of the image tokens (column: column by column; both: "
+                         "raster, then column)")
+    ap.add_argument("--keep-adapter", action="store_true", help="base: keep the LoRA adapter (merged on load)")
+    ap.add_argument("--image-positions", action="store_true", help="base: add zero image positions")
     ap.add_argument("--heads", type=Path, help="view objects: the file `heads` wrote")
     ap.add_argument("--recipe", type=Path, help="train: the one-stage recipe")
     ap.add_argument("--objects", type=int, nargs="+", default=[1, 3, 6])
@@ -419,7 +473,7 @@ def main() -> None:
                          "score an enumerated count by its final number (64 new tokens)")
     a = ap.parse_args()
     if a.command == "base":
-        base(a.out)
+        base(a.out, adapter=a.keep_adapter, image_positions=a.image_positions)
     elif a.command == "anchor":
         if a.tower:
             model = vlmlab.assemble(a.tower, "smollm2", image_token="<empty_output>", vision_feature_layer=-1,
@@ -436,6 +490,7 @@ def main() -> None:
             print(f"{a.model}, {name}:", ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     elif a.command == "place":
         model = vlmlab.load(a.model)
+        model = token_order(model, a.order)
         for k in a.objects:
             print(f"{a.model}, {k} objects:", ", ".join(f"{key} {v:.2f}" for key, v in place(model, a.n, k).items()),
                   flush=True)
@@ -444,11 +499,22 @@ def main() -> None:
     elif a.command == "train":
         import vlmlab.train.vlm as train_vlm
 
-        build = train_vlm.build_model
-        train_vlm.build_model = lambda *args, **kw: object_view(build(*args, **kw), a.heads)
+        build, views = train_vlm.build_model, []
+        if a.view == "objects":
+            views.append(lambda model: object_view(model, a.heads))
+        views.append(lambda model: token_order(model, a.order))
+
+        def viewed(*args, **kw):
+            model = build(*args, **kw)
+            for view in views:
+                model = view(model)
+            return model
+
+        train_vlm.build_model = viewed
         train_vlm.train_recipe(a.recipe, a.out)
     else:
         model = vlmlab.load(a.model)
+        model = token_order(model, a.order)
         if a.view == "objects":
             model = object_view(model, a.heads)
         elif a.view == "text":

@@ -146,3 +146,53 @@ def test_place_measures_boxes_points_first_digits_and_caption_regions(probe):
     assert {"ground", "mean IoU", "point", "x0 first digit", "y0 first digit", "caption region"} <= set(scores)
     for key in ("ground", "mean IoU", "point", "x0 first digit", "y0 first digit", "x1 first digit", "y1 first digit"):
         assert 0.0 <= scores[key] <= 1.0, key
+
+
+def test_base_adds_zero_image_positions_and_keeps_the_adapter_when_asked(probe, tmp_path):
+    from safetensors import safe_open
+
+    from vlmlab.models.llava import IMAGE_POSITIONS_FIELD
+
+    out = probe.base(tmp_path / "v", adapter=True, image_positions=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config[IMAGE_POSITIONS_FIELD] is True
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == sorted(p.name for p in (probe.SHIPPED / "adapter").iterdir())
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for name in ("rows", "columns"):
+            grid = f.get_tensor(f"image_positions.{name}")
+            assert grid.shape == (7, config["text_config"]["hidden_size"]) and not grid.any()
+    with pytest.raises(SystemExit, match="already has image positions"):
+        probe.base(tmp_path / "w", source=out, image_positions=True)
+    assert not (probe.base(tmp_path / "plain") / "adapter").exists()
+
+
+def test_token_order_feeds_the_same_tokens_column_by_column_or_both_ways(probe):
+    from conftest import MICRO_TEXT, MICRO_VISION
+    from vlmlab.train.vlm import new_llava
+
+    def model():
+        m = new_llava(vision=MICRO_VISION, text=MICRO_TEXT, image_token="<empty_output>", image_positions=True)
+        with torch.no_grad():
+            m.net.image_positions.rows.normal_()
+        return m
+
+    raster_model = model()
+    side = raster_model.net.image_positions.rows.shape[0]
+    pixels = torch.randn(2, 3, MICRO_VISION["image_size"], MICRO_VISION["image_size"])
+    with torch.no_grad():
+        raster = raster_model.net.image_features(pixels)
+        assert probe.token_order(raster_model, "raster") is raster_model
+        column = probe.token_order(model(), "column").net.image_features(pixels)
+        both_model = probe.token_order(model(), "both")
+        both = both_model.net.image_features(pixels)
+    assert side > 1 and column.shape == raster.shape and both.shape[1] == 2 * side * side
+    assert torch.equal(both[:, :side * side], raster) and torch.equal(both[:, side * side:], column)
+    for r in range(side):
+        for c in range(side):
+            assert torch.equal(column[:, c * side + r], raster[:, r * side + c])
+    image = generate_sample("color", 0, "test", SceneConfig(width=32, height=32)).images[0]
+    ids, _ = both_model.prepare("<image>\nWhat is it?", [image])
+    assert ids.count(both_model.image_token_id) == 2 * side * side
+    assert both_model.ask("What is it?", [image], max_new_tokens=2).token_ids
+    with pytest.raises(ValueError, match="order must be"):
+        probe.token_order(model(), "spiral")
