@@ -36,6 +36,9 @@ Run from the repository root with the venv active:
     python experiments/scenes_smol_probe.py base --keep-adapter --image-positions --out runs/probe/v5pos
     python experiments/scenes_smol_probe.py train --order column --recipe runs/probe/lone.toml --out runs/probe/col
     python experiments/scenes_smol_probe.py place --order column --model runs/probe/col/model --objects 1
+    # the same start with 2-D rotary positions for the image tokens (M-RoPE, Qwen3-VL's layout), raster order
+    python experiments/scenes_smol_probe.py base --keep-adapter --image-positions --mrope 12,10,10 --interleaved \
+        --out runs/probe/v5mrope
     # D: one token per object (linear heads find the objects); training needs the same view
     python experiments/scenes_smol_probe.py heads --model runs/probe/fromC --out runs/probe/heads.pt
     python experiments/scenes_smol_probe.py train --view objects --heads runs/probe/heads.pt \\
@@ -88,9 +91,11 @@ TASKS = ["color", "shape", "count", "exist"]
 MAX_OBJECT_TOKENS = 10  # view "objects": image tokens per image (objects, then background padding)
 
 
-def base(out: Path, source: Path = SHIPPED, *, adapter: bool = False, image_positions: bool = False) -> Path:
+def base(out: Path, source: Path = SHIPPED, *, adapter: bool = False, image_positions: bool = False,
+         mrope: list[int] | None = None, interleaved: bool = False) -> Path:
     """A copy of a parts folder without its LoRA adapter (the plain language model) or, with
-    `adapter`, with it; `image_positions`: with zero (untrained) grid positions added."""
+    `adapter`, with it; `image_positions`: with zero (untrained) grid positions added; `mrope`:
+    with M-RoPE of these sections in the language model (`interleaved`: Qwen3-VL's layout)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         shutil.copy(source / name, out / name)
@@ -112,6 +117,12 @@ def base(out: Path, source: Path = SHIPPED, *, adapter: bool = False, image_posi
         width = tensors["multi_modal_projector.linear_2.weight"].shape[0]
         tensors.update({f"image_positions.{k}": torch.zeros(side, width) for k in ("rows", "columns")})
         save_file(tensors, out / "model.safetensors")
+    if mrope:
+        from vlmlab.models.llava import MROPE_FIELD, MROPE_INTERLEAVED_FIELD
+
+        config = json.loads((out / "config.json").read_text())
+        config.update({MROPE_FIELD: list(mrope), MROPE_INTERLEAVED_FIELD: interleaved})
+        (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -462,6 +473,9 @@ def main() -> None:
                          "raster, then column)")
     ap.add_argument("--keep-adapter", action="store_true", help="base: keep the LoRA adapter (merged on load)")
     ap.add_argument("--image-positions", action="store_true", help="base: add zero image positions")
+    ap.add_argument("--mrope", type=lambda v: [int(n) for n in v.split(",")], metavar="T,H,W",
+                    help="base: M-RoPE with these frequency sections in the language model (SmolLM2: sum 32)")
+    ap.add_argument("--interleaved", action="store_true", help="base --mrope: Qwen3-VL's interleaved layout")
     ap.add_argument("--heads", type=Path, help="view objects: the file `heads` wrote")
     ap.add_argument("--recipe", type=Path, help="train: the one-stage recipe")
     ap.add_argument("--objects", type=int, nargs="+", default=[1, 3, 6])
@@ -473,7 +487,8 @@ def main() -> None:
                          "score an enumerated count by its final number (64 new tokens)")
     a = ap.parse_args()
     if a.command == "base":
-        base(a.out, adapter=a.keep_adapter, image_positions=a.image_positions)
+        base(a.out, adapter=a.keep_adapter, image_positions=a.image_positions, mrope=a.mrope,
+             interleaved=a.interleaved)
     elif a.command == "anchor":
         if a.tower:
             model = vlmlab.assemble(a.tower, "smollm2", image_token="<empty_output>", vision_feature_layer=-1,

@@ -204,7 +204,8 @@ QUANTIZATIONS = ("none", "int4")
 def assemble(vision: str | Path, language_model: str | Path, *, projector: str = "mlp2x_gelu",
              image_token: str = "<image>", vision_feature_layer: int | list[int] = -2,
              vision_feature_select_strategy: str = "default", pixel_shuffle: int = 1, feature_norm: bool = False,
-             image_positions: bool = False, dtype: str | torch.dtype | None = None, seed: int = 0) -> VisionLanguageModel:
+             image_positions: bool = False, mrope_sections: list[int] | None = None,
+             mrope_interleaved: bool = False, dtype: str | torch.dtype | None = None, seed: int = 0) -> VisionLanguageModel:
     """A LLaVA from parts: the ViT of a dual encoder (built-in name or CLIP / SigLIP / LiT folder),
     a decoder language model (name, GGUF file or HF folder) with its tokenizer and chat template,
     and a new, randomly initialised projector (train it: projector alignment). `image_token` is
@@ -213,6 +214,9 @@ def assemble(vision: str | Path, language_model: str | Path, *, projector: str =
     token (s**2 fewer image tokens). `feature_norm` standardises the projector's input per channel
     (identity until `net.calibrate_feature_norm(pixel_values)` measures it on sample images).
     `image_positions` adds a learned row + column embedding to each image token (zeros until trained).
+    `mrope_sections` (temporal, height, width; summing to half the decoder's head dim) gives the
+    decoder M-RoPE: image tokens rotated by their row and column, text exactly as before
+    (`mrope_interleaved`: Qwen3-VL's frequency layout instead of Qwen2-VL's).
     `save()` writes one HF LLaVA folder."""
     dual, lm = load(vision, dtype=dtype), load(language_model, dtype=dtype)
     if not isinstance(dual, DualEncoder):
@@ -232,7 +236,8 @@ def assemble(vision: str | Path, language_model: str | Path, *, projector: str =
                                 vision_feature_layer=vision_feature_layer,
                                 vision_feature_select_strategy=vision_feature_select_strategy,
                                 image_token_id=token_id, pixel_shuffle=pixel_shuffle, feature_norm=feature_norm,
-                                image_positions=image_positions)
+                                image_positions=image_positions, mrope_sections=mrope_sections,
+                                mrope_interleaved=mrope_interleaved)
         torch.manual_seed(seed)
         net = llava.LlavaNet(cfg, language_model=text_net)
     missing = net.vision_tower.load_state_dict(tower.state_dict(), strict=False)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vlmlab.errors import InputError
+from vlmlab.nn.rope import grid_position_ids
 from vlmlab.text.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -43,6 +44,7 @@ class PlaceholderVLM(nn.Module):
 
     feature_unit = "image"  # what one row of `image_features` is, for error messages
     language_model: LlamaForCausalLM
+    rope_grid: tuple[int, int] | None = None  # (rows, columns) of each image's tokens when the decoder uses M-RoPE
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, features per image, LM width)."""
@@ -79,6 +81,29 @@ class PlaceholderVLM(nn.Module):
                 cache=None, logits_to_keep: int = 0, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab), or as `LlamaForCausalLM.forward` selects them. With a
         cache, later steps pass only new ids and no pixels."""
-        embeds = self.embed(input_ids, pixel_values, decoding=cache is not None and cache.length > 0)
+        decoding = cache is not None and cache.length > 0
+        embeds = self.embed(input_ids, pixel_values, decoding=decoding)
+        if self.rope_grid is not None and position_ids is None:
+            position_ids = self.grid_positions(input_ids, attention_mask, cache, decoding)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, logits_to_keep=logits_to_keep, logits_at=logits_at)
+
+    def grid_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
+                       decoding: bool) -> torch.Tensor:
+        """M-RoPE position ids: (3, batch, seq) for a prompt, its image tokens at (row, column) of
+        `rope_grid` (`nn.rope.grid_position_ids`); while decoding, the 1D positions shifted by the
+        offsets the prompt left in the cache."""
+        padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if not decoding:
+            ids, offsets = grid_position_ids(input_ids == self.cfg.image_token_id, self.rope_grid, padding)
+            if cache is not None:
+                cache.rope_offsets = offsets
+            return ids
+        past, (b, t) = cache.length, input_ids.shape
+        if padding is not None:
+            positions = (padding.long().cumsum(-1) - 1)[:, past:]
+        else:
+            positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        if cache.rope_offsets is not None:
+            positions = positions + cache.rope_offsets.to(positions.device)[:, None]
+        return positions

@@ -12,8 +12,11 @@ connector): s**2 times fewer image tokens for the language model to read. `featu
 the projector's input per channel with statistics measured on sample images (`calibrate_feature_norm`;
 buffers `feature_norm.mean` / `.std`; see `connectors.projector.Standardize`). `image_positions` adds a
 learned row and column embedding to each projected token (`image_positions.rows` / `.columns`;
-`connectors.projector.GridPositions`). transformers' LLaVA has none of these steps; vlmlab writes
-them to config.json as `vlmlab_pixel_shuffle` / `vlmlab_feature_norm` / `vlmlab_image_positions`.
+`connectors.projector.GridPositions`). `mrope_sections` gives the decoder Qwen2-VL's M-RoPE: image
+tokens rotated by their row and column on the grid, text as before (`nn.rope`;
+`mrope_interleaved`: Qwen3-VL's frequency layout). transformers' LLaVA has none of these steps;
+vlmlab writes them to config.json as `vlmlab_pixel_shuffle` / `vlmlab_feature_norm` /
+`vlmlab_image_positions` / `vlmlab_mrope_sections` / `vlmlab_mrope_interleaved`.
 
 Loads Hugging Face `LlavaForConditionalGeneration` folders in every layout transformers has
 written: 5.x (`language_model.model.*`, `vision_tower.*`), 4.52-4.57
@@ -34,6 +37,7 @@ from vlmlab.connectors.projector import GridPositions, Projector, Standardize
 from vlmlab.errors import ConfigError
 from vlmlab.fusion.placeholders import PlaceholderVLM
 from vlmlab.models import clip, siglip
+from vlmlab.nn.rope import MultimodalRotaryEmbedding
 from vlmlab.text.llama import LlamaConfig, LlamaForCausalLM
 from vlmlab.vision.vit import ViTConfig, VisionTransformer
 
@@ -41,6 +45,8 @@ HF_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 PIXEL_SHUFFLE_FIELD = "vlmlab_pixel_shuffle"  # config.json: a vlmlab LLaVA's pixel shuffle (absent: 1)
 FEATURE_NORM_FIELD = "vlmlab_feature_norm"  # config.json: standardised projector input (absent: false)
 IMAGE_POSITIONS_FIELD = "vlmlab_image_positions"  # config.json: learned row + column embeddings (absent: false)
+MROPE_FIELD = "vlmlab_mrope_sections"  # config.json: M-RoPE frequency sections of the decoder (absent: 1D RoPE)
+MROPE_INTERLEAVED_FIELD = "vlmlab_mrope_interleaved"  # config.json: Qwen3-VL's interleaved layout (absent: false)
 
 # vision_config.model_type -> (HF defaults, ViT switches) of that tower family
 VISION_FAMILIES = {
@@ -64,6 +70,10 @@ class LlavaConfig:
     pixel_shuffle: int = 1  # s > 1: s x s neighbouring patch features -> one token (not in transformers)
     feature_norm: bool = False  # standardise the projector's input with saved statistics (not in transformers)
     image_positions: bool = False  # add a learned row + column embedding to each image token (not in transformers)
+    # Rotate image tokens in the decoder by (row, column) too: Qwen2-VL's M-RoPE with these
+    # frequency sections (temporal, height, width; they sum to half the head dim). Not in transformers.
+    mrope_sections: list[int] | None = None
+    mrope_interleaved: bool = False  # Qwen3-VL's layout: t, h, w alternate over the frequencies
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,14 +91,20 @@ class LlavaConfig:
         if s > 1 and (self.vision.grid % s or with_class_token):
             raise ConfigError(f"pixel_shuffle {s} needs a patch grid whose side ({self.vision.grid}) is a multiple of "
                               f"{s} and no [class] token among the features (vision_feature_select_strategy 'default')")
-        for name in ("feature_norm", "image_positions"):
+        for name in ("feature_norm", "image_positions", "mrope_interleaved"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.image_seq_length is None:
             self.image_seq_length = (self.vision.grid // s) ** 2
-        if self.image_positions and with_class_token:
-            raise ConfigError("image_positions needs image tokens on a grid: no [class] token among the features "
-                              "(vision_feature_select_strategy 'default')")
+        for name in ("image_positions", "mrope_sections"):
+            if getattr(self, name) and with_class_token:
+                raise ConfigError(f"{name} needs image tokens on a grid: no [class] token among the features "
+                                  "(vision_feature_select_strategy 'default')")
+        m = self.mrope_sections
+        if m is not None and (not isinstance(m, (list, tuple)) or len(m) != 3 or sum(m) != self.text.head_dim // 2
+                              or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in m)):
+            raise ConfigError(f"mrope_sections must be 3 positive integers (temporal, height, width) that sum to "
+                              f"half the decoder's head dim ({self.text.head_dim // 2}), got {m!r}")
 
     @property
     def feature_layers(self) -> list[int]:
@@ -126,6 +142,8 @@ class LlavaConfig:
             pixel_shuffle=hf.get(PIXEL_SHUFFLE_FIELD, 1),
             feature_norm=hf.get(FEATURE_NORM_FIELD, False),
             image_positions=hf.get(IMAGE_POSITIONS_FIELD, False),
+            mrope_sections=hf.get(MROPE_FIELD),
+            mrope_interleaved=hf.get(MROPE_INTERLEAVED_FIELD, False),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -138,6 +156,10 @@ class LlavaConfig:
             extensions[FEATURE_NORM_FIELD] = True
         if self.image_positions:
             extensions[IMAGE_POSITIONS_FIELD] = True
+        if self.mrope_sections:
+            extensions[MROPE_FIELD] = list(self.mrope_sections)
+            if self.mrope_interleaved:
+                extensions[MROPE_INTERLEAVED_FIELD] = True
         return {
             "architectures": list(HF_ARCHITECTURES), "model_type": "llava",
             "vision_config": {**self.vision.to_hf(), "model_type": self.vision_model_type},
@@ -165,6 +187,12 @@ class LlavaNet(PlaceholderVLM):
             side = cfg.vision.grid // cfg.pixel_shuffle
             self.image_positions = GridPositions(side, side, cfg.text.hidden_size)
         self.language_model = language_model if language_model is not None else LlamaForCausalLM(cfg.text)
+        if cfg.mrope_sections:
+            t = cfg.text
+            self.language_model.model.rotary = MultimodalRotaryEmbedding(
+                t.head_dim, t.rope_theta, cfg.mrope_sections, t.rope_scaling, interleaved=cfg.mrope_interleaved)
+            side = cfg.vision.grid // cfg.pixel_shuffle
+            self.rope_grid = (side, side)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, features per image, LM width): the selected layers' tokens, projected."""

@@ -35,6 +35,9 @@ class KVCache:
         self.length = 0
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        # (batch,) added to each row's 1D decoding positions: M-RoPE prompts (nn/rope.py) end at
+        # another position id than their length. None: no offsets.
+        self.rope_offsets: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k, v (batch, kv_heads, n, head_dim); return all keys/values so far."""
@@ -78,6 +81,10 @@ class KVCache:
                     out[row:row + p.shape[0], :, length - c.length:length] = p[:, :, :c.length]
                     row += p.shape[0]
                 getattr(merged, name)[layer] = out
+        if any(c.rope_offsets is not None for c in caches):
+            merged.rope_offsets = torch.cat([c.rope_offsets if c.rope_offsets is not None else
+                                             torch.zeros(c.keys[0].shape[0], dtype=torch.long, device=c.keys[0].device)
+                                             for c in caches])
         return merged
 
     def select(self, rows: torch.Tensor, drop_front: int = 0) -> None:
@@ -87,6 +94,8 @@ class KVCache:
             for layer, buf in enumerate(buffers):
                 kept = buf.index_select(0, rows)  # the one copy; dropping the front is a view of it
                 buffers[layer] = kept[:, :, drop_front:] if drop_front else kept
+        if self.rope_offsets is not None:
+            self.rope_offsets = self.rope_offsets.index_select(0, rows.to(self.rope_offsets.device))
         self.length -= drop_front
         self.capacity -= drop_front
 

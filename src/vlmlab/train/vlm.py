@@ -25,7 +25,9 @@ that trained dual encoder as its `vision`. Fields: `init` (the dual encoder to s
 A new or assembled LLaVA with `feature_norm = true` has its projector-input statistics measured
 on the images of the first stage's first `calibration_images` samples ([model] field, default 64)
 before training. `image_positions = true` (new or assembled) adds a learned row + column embedding
-to every image token, zeros until a stage trains them (param group "image_positions").
+to every image token, zeros until a stage trains them (param group "image_positions");
+`mrope_sections = [t, h, w]` gives the decoder M-RoPE (image tokens rotated by row and column;
+`mrope_interleaved = true`: Qwen3-VL's frequency layout).
 """
 
 from __future__ import annotations
@@ -332,7 +334,8 @@ def train_tower(spec: dict[str, Any], out: Path, *, resume: bool = False, progre
 def new_llava(*, vision: dict[str, Any], text: dict[str, Any], tokenizer: str = "smollm2",
               image_token: str = "<image>", projector: str = "mlp2x_gelu", vision_feature_layer: int = -1,
               vision_feature_select_strategy: str = "default", pixel_shuffle: int = 1,
-              feature_norm: bool = False, image_positions: bool = False, seed: int = 0) -> VisionLanguageModel:
+              feature_norm: bool = False, image_positions: bool = False, mrope_sections: list[int] | None = None,
+              mrope_interleaved: bool = False, seed: int = 0) -> VisionLanguageModel:
     """A LLaVA with every weight new (HF's init: normal(0, 0.02) matrices and embeddings, zero
     biases, unit norms): a CLIP-style ViT from `vision` fields, a Llama decoder from `text` HF
     fields, sized to the vocabulary of `tokenizer` (the tokenizer and chat template of that
@@ -357,7 +360,8 @@ def new_llava(*, vision: dict[str, Any], text: dict[str, Any], tokenizer: str = 
     cfg = LlavaConfig(vision_cfg, LlamaConfig.from_hf(text), projector=projector,
                       vision_feature_layer=vision_feature_layer,
                       vision_feature_select_strategy=vision_feature_select_strategy, image_token_id=token_id,
-                      pixel_shuffle=pixel_shuffle, feature_norm=feature_norm, image_positions=image_positions)
+                      pixel_shuffle=pixel_shuffle, feature_norm=feature_norm, image_positions=image_positions,
+                      mrope_sections=mrope_sections, mrope_interleaved=mrope_interleaved)
     torch.manual_seed(seed)
     net = LlavaNet(cfg)
     for module in net.modules():
