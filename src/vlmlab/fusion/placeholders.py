@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vlmlab.errors import InputError
-from vlmlab.nn.rope import grid_position_ids
+from vlmlab.nn.rope import grid_position_ids, sequence_position_ids
 from vlmlab.text.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -99,11 +99,7 @@ class PlaceholderVLM(nn.Module):
             if cache is not None:
                 cache.rope_offsets = offsets
             return ids
-        past, (b, t) = cache.length, input_ids.shape
-        if padding is not None:
-            positions = (padding.long().cumsum(-1) - 1)[:, past:]
-        else:
-            positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        positions = sequence_position_ids(padding, cache.length, *input_ids.shape, input_ids.device)
         if cache.rope_offsets is not None:
             positions = positions + cache.rope_offsets.to(positions.device)[:, None]
         return positions

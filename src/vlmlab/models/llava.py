@@ -183,15 +183,14 @@ class LlavaNet(PlaceholderVLM):
         if cfg.feature_norm:
             self.feature_norm = Standardize(width)
         self.multi_modal_projector = Projector(cfg.projector, width, cfg.text.hidden_size, cfg.projector_bias)
+        side = cfg.vision.grid // cfg.pixel_shuffle  # image tokens per row and column
         if cfg.image_positions:
-            side = cfg.vision.grid // cfg.pixel_shuffle
             self.image_positions = GridPositions(side, side, cfg.text.hidden_size)
         self.language_model = language_model if language_model is not None else LlamaForCausalLM(cfg.text)
         if cfg.mrope_sections:
             t = cfg.text
             self.language_model.model.rotary = MultimodalRotaryEmbedding(
                 t.head_dim, t.rope_theta, cfg.mrope_sections, t.rope_scaling, interleaved=cfg.mrope_interleaved)
-            side = cfg.vision.grid // cfg.pixel_shuffle
             self.rope_grid = (side, side)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

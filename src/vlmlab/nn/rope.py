@@ -45,6 +45,16 @@ def rope_inv_freq(dim: int, base: float, scaling: dict[str, Any] | None = None) 
     raise ConfigError(f"rope scaling type {rope_type!r} is not supported (supported: default, linear, llama3)")
 
 
+def sequence_position_ids(padding: torch.Tensor | None, past: int, batch: int, length: int,
+                          device: torch.device | str | None = None) -> torch.Tensor:
+    """1D position ids (batch, length) of the `length` tokens after `past` cached ones: counted over
+    each row's real tokens when a (batch, past + length) `padding` mask (true at real tokens) is
+    given, so left padding does not shift them; 0 at padding."""
+    if padding is not None:
+        return (padding.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    return torch.arange(past, past + length, device=device).expand(batch, length)
+
+
 class RotaryEmbedding(nn.Module):
     """Maps position ids (batch, seq) to cos/sin tables (batch, seq, dim), computed in float32."""
 
@@ -116,9 +126,9 @@ class MultimodalRotaryEmbedding(RotaryEmbedding):
         self.register_buffer("component", component, persistent=False)
 
     def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        freqs = super().frequencies(position_ids)  # (3, batch, seq, dim / 2) or, 1D, (batch, seq, dim / 2)
         if position_ids.dim() == 2:
-            return super().frequencies(position_ids)
-        freqs = super().frequencies(position_ids)  # (3, batch, seq, dim / 2)
+            return freqs
         return freqs.gather(0, self.component.expand(1, *freqs.shape[1:3], -1)).squeeze(0)
 
 

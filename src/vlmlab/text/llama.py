@@ -23,6 +23,7 @@ from vlmlab.errors import ConfigError, InputError
 from vlmlab.nn import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, make_attention_mask
 from vlmlab.nn import checkpointing
 from vlmlab.nn.quant import Int4Weight, dense_state_dict, use_int4_weights
+from vlmlab.nn.rope import sequence_position_ids
 
 # HF architectures (config.json "architectures") and GGUF `general.architecture` values served here.
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -250,10 +251,7 @@ class LlamaModel(nn.Module):
                 )
             padding = attention_mask
         if position_ids is None:
-            if padding is not None:
-                position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
+            position_ids = sequence_position_ids(padding, past, b, t, x.device)
         rope = self.rotary(position_ids, x.dtype)
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
         for layer in self.layers:
