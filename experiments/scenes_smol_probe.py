@@ -39,6 +39,9 @@ Run from the repository root with the venv active:
     # the same start with 2-D rotary positions for the image tokens (M-RoPE, Qwen3-VL's layout), raster order
     python experiments/scenes_smol_probe.py base --keep-adapter --image-positions --mrope 12,10,10 --interleaved \
         --out runs/probe/v5mrope
+    # is the box in the tokens at all? a small attention-pooling head (not the language model) fitted
+    # to read it: tower patch tokens, projector input, image tokens; told the object's kind when k > 1
+    python experiments/scenes_smol_probe.py readout --objects 1 3
     # D: one token per object (linear heads find the objects); training needs the same view
     python experiments/scenes_smol_probe.py heads --model runs/probe/fromC --out runs/probe/heads.pt
     python experiments/scenes_smol_probe.py train --view objects --heads runs/probe/heads.pt \\
@@ -397,6 +400,104 @@ def positions(model, n_train: int = 32, n_test: int = 16, ridge: float = 100.0) 
     return out
 
 
+class BoxReadout(torch.nn.Module):
+    """A small head that reads an object's box from a set of tokens the way a language model's
+    attention could: a score per token (conditioned on the named object's size, colour and shape
+    when `query`), a softmax over the tokens, the weighted mean of the tokens' grid centres plus a
+    weighted offset and size read from their contents. Boxes as (x0, y0, x1, y1) in 0-1."""
+
+    def __init__(self, width: int, n_tokens: int, query: bool):
+        super().__init__()
+        g = round(n_tokens ** 0.5)
+        rows, cols = torch.arange(g).repeat_interleave(g).float(), torch.arange(g).repeat(g).float()
+        self.register_buffer("centres", torch.stack([(cols + 0.5) / g, (rows + 0.5) / g], 1))
+        self.grid = g
+        self.norm = torch.nn.LayerNorm(width)
+        self.query = torch.nn.Embedding(len(SIZES) * len(COLOR_NAMES) * len(SHAPES), 64) if query else None
+        self.score = torch.nn.Sequential(torch.nn.Linear(width + (64 if query else 0), 128), torch.nn.GELU(),
+                                         torch.nn.Linear(128, 1))
+        self.offset = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.GELU(), torch.nn.Linear(256, 4))
+
+    def forward(self, tokens: torch.Tensor, kind: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(tokens)
+        keys = x if self.query is None else torch.cat([x, self.query(kind)[:, None].expand(-1, x.shape[1], -1)], -1)
+        a = self.score(keys).squeeze(-1).softmax(-1)[..., None]
+        centre = (a * self.centres).sum(1)
+        o = (a * self.offset(x)).sum(1)
+        cx, cy = centre[:, 0] + o[:, 0] / self.grid, centre[:, 1] + o[:, 1] / self.grid
+        w, h = F.softplus(o[:, 2]) * 0.1, F.softplus(o[:, 3]) * 0.1
+        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+
+def readout(model, k: int = 1, n_train: int = 2000, n_test: int = 300, steps: int = 1500,
+            seed: int = 0) -> dict[str, dict[str, float]]:
+    """Is an object's box in the tokens at all? A `BoxReadout` fitted (L1 on the box, AdamW, 128
+    scenes a step) on n_train training scenes of exactly k objects and scored on n_test test
+    scenes: accuracy at IoU 0.5 (what grounding asks), mean IoU, box-centre error in pixels. With k
+    > 1 the head is told the size, colour and shape of one object (scenes where another object
+    shares all three are skipped). Three token sets: the tower's last-layer patch tokens (196), the
+    pixel-shuffled projector input (49) and the projected tokens the language model reads (49)."""
+    from vlmlab.data.scenes.tasks import generate_sample
+
+    torch.manual_seed(seed)
+    config = SceneConfig(min_objects=k, max_objects=k)
+    kinds = {(z, c, s): i for i, (z, c, s) in enumerate((z, c, s) for z in SIZES for c in COLOR_NAMES for s in SHAPES)}
+
+    def draw(split: str, n: int):
+        images, boxes, named, index = [], [], [], 0
+        while len(images) < n:
+            scene_sample = generate_sample("caption_short", index, split, config)
+            index += 1
+            scene = scene_sample.scenes[0]
+            target = scene.objects[torch.randint(len(scene.objects), ()).item()]
+            key = (target.size, target.color, target.shape)
+            if sum((o.size, o.color, o.shape) == key for o in scene.objects) > 1:
+                continue
+            images.append(scene_sample.images[0])
+            boxes.append([v / d for v, d in zip(target.box, (scene.width, scene.height) * 2)])
+            named.append(kinds[key])
+        return images, torch.tensor(boxes), torch.tensor(named)
+
+    def token_sets(images) -> dict[str, torch.Tensor]:
+        net, out = model.net, {}
+        for i in range(0, len(images), 50):
+            pixels = model.image_inputs(images[i:i + 50])[0]
+            with torch.no_grad():
+                states = net.vision_tower(pixels, num_layers=net.cfg.vision.num_hidden_layers,
+                                          output_hidden_states=True).hidden_states[-1]
+                if net.cfg.vision_feature_select_strategy == "default":
+                    states = states[:, 1:]
+                shuffled = net.projector_inputs(pixels)
+                for name, x in (("patch tokens", states), ("projector input", shuffled),
+                                ("image tokens", net.project(shuffled))):
+                    out.setdefault(name, []).append(x.float())
+        return {name: torch.cat(x) for name, x in out.items()}
+
+    (train_images, train_boxes, train_kinds), (test_images, test_boxes, test_kinds) = (
+        draw("train", n_train), draw("test", n_test))
+    train_sets, test_sets = token_sets(train_images), token_sets(test_images)
+    size = torch.tensor([model.net.cfg.vision.image_size] * 4, dtype=torch.float32)
+    results = {}
+    for name, train in train_sets.items():
+        head = BoxReadout(train.shape[-1], train.shape[1], query=k > 1)
+        opt = torch.optim.AdamW(head.parameters(), 2e-3, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+        for _ in range(steps):
+            i = torch.randint(0, len(train), (128,))
+            loss = F.l1_loss(head(train[i], train_kinds[i]), train_boxes[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+        with torch.no_grad():
+            pred, truth = head(test_sets[name], test_kinds) * size, test_boxes * size
+        ious = np.array([box_iou(a.tolist(), b.tolist()) for a, b in zip(pred, truth)])
+        centre = ((pred[:, :2] + pred[:, 2:]) - (truth[:, :2] + truth[:, 2:])).norm(dim=1) / 2
+        results[name] = {"acc@0.5": float(np.mean(ious >= 0.5)), "mean IoU": float(ious.mean()),
+                         "centre error px": float(centre.mean())}
+    return results
+
+
 BOX_NUMBERS = ("x0", "y0", "x1", "y1")
 REGIONS = ("in the top left", "at the top", "in the top right", "on the left", "in the center", "on the right",
            "in the bottom left", "at the bottom", "in the bottom right")
@@ -462,8 +563,8 @@ def _reference(value) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["base", "anchor", "heads", "text-data", "train", "eval", "positions", "place"])
-    ap.add_argument("--model", type=Path, help="a VLM folder (eval, heads, positions, place)")
+    ap.add_argument("command", choices=["base", "anchor", "heads", "text-data", "train", "eval", "positions", "place", "readout"])
+    ap.add_argument("--model", type=Path, help="a VLM folder (eval, heads, positions, place; readout: default scenes-smol)")
     ap.add_argument("--tower", type=Path, help="anchor: assemble from this dual encoder's tower instead")
     ap.add_argument("--pixel-shuffle", type=int, default=2, help="anchor with --tower (default 2)")
     ap.add_argument("--out", type=Path)
@@ -503,6 +604,12 @@ def main() -> None:
     elif a.command == "positions":
         for name, scores in positions(vlmlab.load(a.model)).items():
             print(f"{a.model}, {name}:", ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    elif a.command == "readout":
+        model = vlmlab.load(a.model or SHIPPED)
+        for k in a.objects:
+            for name, scores in readout(model, k).items():
+                print(f"{a.model or 'scenes-smol'}, {k} objects, {name}:",
+                      ", ".join(f"{key} {v:.3f}" for key, v in scores.items()), flush=True)
     elif a.command == "place":
         model = vlmlab.load(a.model)
         model = token_order(model, a.order)

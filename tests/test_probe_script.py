@@ -196,3 +196,42 @@ def test_token_order_feeds_the_same_tokens_column_by_column_or_both_ways(probe):
     assert both_model.ask("What is it?", [image], max_new_tokens=2).token_ids
     with pytest.raises(ValueError, match="order must be"):
         probe.token_order(model(), "spiral")
+
+
+def test_box_readout_learns_a_box_its_tokens_hold(probe):
+    """The read-out head can reach IoU 0.5 when one token of 49 says where the object is (its grid
+    cell, an offset in the cell and the size): it is a fair judge of what tokens carry."""
+    torch.manual_seed(0)
+
+    def tokens(n):
+        cell = torch.randint(0, 49, (n,))
+        off, size = torch.rand(n, 2), 0.05 + 0.1 * torch.rand(n, 2)
+        x = torch.zeros(n, 49, 8)
+        x[torch.arange(n), cell, 0] = 4.0
+        x[torch.arange(n), cell, 1:3] = off
+        x[torch.arange(n), cell, 3:5] = size
+        centre = torch.stack([(cell % 7 + off[:, 0]) / 7, (cell // 7 + off[:, 1]) / 7], 1)
+        return x, torch.cat([centre - size / 2, centre + size / 2], 1)
+
+    head = probe.BoxReadout(8, 49, query=False)
+    opt = torch.optim.AdamW(head.parameters(), 3e-3)
+    for _ in range(400):
+        x, box = tokens(64)
+        loss = F.l1_loss(head(x), box)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, box = tokens(200)
+    with torch.no_grad():
+        pred = head(x)
+    ious = [probe.box_iou(a.tolist(), b.tolist()) for a, b in zip(pred, box)]
+    assert sum(i >= 0.5 for i in ious) / len(ious) > 0.8
+
+
+def test_readout_scores_three_token_sets_with_and_without_a_query(probe):
+    model = micro_llava()
+    for k in (1, 2):
+        scores = probe.readout(model, k, n_train=40, n_test=8, steps=5)
+        assert set(scores) == {"patch tokens", "projector input", "image tokens"}
+        for s in scores.values():
+            assert 0 <= s["acc@0.5"] <= 1 and 0 <= s["mean IoU"] <= 1 and s["centre error px"] >= 0

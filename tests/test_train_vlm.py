@@ -88,6 +88,71 @@ def test_head_runs_only_where_labelled(micro):
     assert metrics["tokens"] == gold.numel()
 
 
+def test_number_token_loss_scores_a_digit_by_its_distance(micro):
+    """NTL-WAS on SmolLM2's digit tokens: sum_d p(d) |d - y| over digit golds only; a near miss
+    costs less than a far one with the same cross-entropy; weight and tokenizer are checked."""
+    from vlmlab.train.losses import NumberTokenLoss
+
+    tok = micro.tokenizer
+    ntl = NumberTokenLoss(tok, 0.5)
+    digit = [tok.encode(str(d))[0] for d in range(10)]
+    vocab = micro.net.cfg.text.vocab_size
+    gold = torch.tensor([digit[3], tok.encode("red")[0], digit[3], digit[3]])
+    logits = torch.zeros(4, vocab)
+    logits[2, digit[4]] = 20.0  # confident near miss
+    logits[3, digit[9]] = 20.0  # confident far miss
+    distance, n = ntl(logits, gold)
+    assert n == 3  # the word is not a digit
+    uniform = sum(abs(d - 3) for d in range(10)) / 10  # 2.7
+    torch.testing.assert_close(distance, torch.tensor(uniform + 1.0 + 6.0), atol=1e-6, rtol=0)
+    near, _ = ntl(logits[2:3], gold[2:3])
+    far, _ = ntl(logits[3:4], gold[3:4])
+    ce = torch.nn.functional.cross_entropy(logits[2:], gold[2:], reduction="none")
+    torch.testing.assert_close(ce[0], ce[1])  # cross-entropy cannot tell them apart
+    assert near < far
+    assert ntl(logits[1:2], gold[1:2]) == (0.0, 0)
+    with pytest.raises(ValueError, match="> 0"):
+        NumberTokenLoss(tok, 0.0)
+
+    class Splitting:
+        def encode(self, text):
+            return [1, 2]
+
+    with pytest.raises(ValueError, match="single-token digits"):
+        NumberTokenLoss(Splitting(), 0.3)
+
+
+def test_number_loss_adds_to_the_cross_entropy_of_digit_answers(micro, tmp_path):
+    """next_token_step with `numbers`: CE + weight x (summed NTL) / labelled tokens, so the
+    Trainer's num_items weighting still holds; a recipe stage's number_loss trains with it and logs
+    the mean digit distance."""
+    from vlmlab.train.losses import NumberTokenLoss
+
+    source = sample_source({"source": "scenes", "tasks": "count", "scene": SCENE})
+    batch = ChatBatcher(micro)([source(i) for i in range(4)])
+    ntl = NumberTokenLoss(micro.tokenizer, 0.3)
+    with torch.no_grad():
+        plain, _ = next_token_step(micro.net, batch)
+        loss, metrics = next_token_step(micro.net, batch, numbers=ntl)
+        at = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        at[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+        logits = micro.net(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
+                           logits_at=at)
+    gold = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]
+    distance, digits = ntl(logits, gold)
+    assert digits >= 4  # every count answer has a digit
+    torch.testing.assert_close(loss, plain + 0.3 * distance / gold.numel())
+    assert metrics["digit_distance"] == pytest.approx(float(distance) / digits)
+    train_recipe(micro_recipe(steps=2, number_loss=0.3), tmp_path / "o", progress=False)
+    logged = read_metrics(tmp_path / "o" / "0-s" / METRICS)
+    steps = [row for row in logged if "loss" in row]
+    assert steps and all(row["digit_distance"] >= 0 for row in steps)
+    for bad in (-1, "0.3", True):
+        with pytest.raises(ConfigError, match="stage 's': number_loss must be a weight >= 0"):
+            train_recipe(micro_recipe(steps=2, number_loss=bad), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before anything was built
+
+
 def _trainer(model, out, param_groups, steps=1):
     source = sample_source({"source": "scenes", "tasks": "color", "scene": SCENE})
     cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=0, param_groups=param_groups)
@@ -220,6 +285,11 @@ def test_recipe_errors_are_named(tmp_path):
         train_recipe(micro_recipe(stepz=3), tmp_path / "o", progress=False)
     with pytest.raises(ConfigError, match="data: unknown field.*colour"):
         train_recipe(micro_recipe(data={"source": "scenes", "colour": 1}), tmp_path / "o", progress=False)
+    two = micro_recipe()
+    two["stages"].append({**two["stages"][0], "name": "t", "stepz": 1})
+    with pytest.raises(ConfigError, match="stage 't': unknown field.*stepz"):
+        train_recipe(two, tmp_path / "two", progress=False)
+    assert not (tmp_path / "two").exists()  # named before the first stage trained
     recipe = micro_recipe()
     recipe["model"] = {"new": {**recipe["model"]["new"], "image_token": "<not-a-token>"}}
     with pytest.raises(ConfigError, match="not a token"):

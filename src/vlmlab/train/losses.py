@@ -1,4 +1,5 @@
-"""Contrastive losses for dual encoders, on one process or many.
+"""Training losses beyond plain cross-entropy: contrastive losses for dual encoders (on one
+process or many) and the number token loss for language models that write numbers.
 
 InfoNCE (CLIP): a softmax over the batch in both directions (image -> its text among all texts,
 text -> its image), averaged. The temperature is learned as `logit_scale` (logits are
@@ -12,6 +13,14 @@ Distributed (open_clip's options): with `gather=True` each process gathers every
 features *with gradient* (`torch.distributed.nn.all_gather`), so negatives come from the global
 batch; with `local_loss=True` each process scores only its own rows against all columns, which
 costs less and, once DDP averages the gradients, gives exactly the gradient of the global loss.
+
+Number token loss (NTL-WAS; Zausinger et al., "Regress, Don't Guess", ICML 2025): cross-entropy
+scores a wrong digit the same however far it is from the right one, so a model that answers
+"4" for 3 learns as little as one that answers "9". NTL adds, at every labelled position whose
+gold token is a digit, the Wasserstein-1 distance between the predicted distribution over the
+digit tokens (a softmax over their logits alone) and the true digit: sum_d p(d) |d - y|. Boxes
+("(386,509),(473,598)"), points and counts are written digit by digit, so every one of their
+digits gets a gradient that points toward the right value.
 """
 
 from __future__ import annotations
@@ -103,3 +112,41 @@ class ContrastiveLoss(nn.Module):
         if positive is not None:
             labels[positive] = 1.0
         return -F.logsigmoid(labels * logits_img).sum() / rows_img.shape[0]
+
+
+class NumberTokenLoss:
+    """NTL-WAS over the single-digit tokens "0".."9" of a tokenizer (their values 0-9).
+
+    `weight` scales it against cross-entropy: a digit position's loss is CE + weight * W1. Call with
+    the logits and gold ids of the labelled positions; returns the sum of W1 over the digit
+    positions among them (0 when there are none) and how many there were."""
+
+    def __init__(self, tokenizer, weight: float):
+        if not weight > 0:
+            raise ValueError(f"number token loss weight must be > 0, got {weight}")
+        ids = []
+        for d in range(10):
+            encoded = tokenizer.encode(str(d))
+            if len(encoded) != 1:
+                raise ValueError(f"the number token loss needs single-token digits; the tokenizer splits "
+                                 f"{str(d)!r} into {len(encoded)} tokens")
+            ids.append(encoded[0])
+        self.weight = weight
+        self.digit_ids = torch.tensor(ids)
+        self._values = {}  # vocabulary size -> (vocab,) digit value of each token, -1 for other tokens
+
+    def value_table(self, vocab: int) -> torch.Tensor:
+        if vocab not in self._values:
+            table = torch.full((vocab,), -1, dtype=torch.long)
+            table[self.digit_ids] = torch.arange(10)
+            self._values[vocab] = table
+        return self._values[vocab]
+
+    def __call__(self, logits: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, int]:
+        value = self.value_table(logits.shape[-1]).to(gold.device)[gold]
+        at = value >= 0
+        if not bool(at.any()):
+            return logits.new_zeros(()).float(), 0
+        p = logits[at][:, self.digit_ids.to(logits.device)].float().softmax(-1)
+        distance = (torch.arange(10, device=logits.device) - value[at, None]).abs().float()
+        return (p * distance).sum(), int(at.sum())

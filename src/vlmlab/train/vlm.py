@@ -28,10 +28,15 @@ before training. `image_positions = true` (new or assembled) adds a learned row 
 to every image token, zeros until a stage trains them (param group "image_positions");
 `mrope_sections = [t, h, w]` gives the decoder M-RoPE (image tokens rotated by row and column;
 `mrope_interleaved = true`: Qwen3-VL's frequency layout).
+A stage's own fields besides the `TrainConfig` ones: `name`, `data`, `lora`, `gradient_checkpointing`,
+`max_length`, `system` (a system prompt for every chat) and `number_loss = w` (add w x the number
+token loss at digit tokens, `train.losses.NumberTokenLoss`: boxes, points and counts learn how far
+off a digit is, not only whether it is right).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import tomllib
 from dataclasses import fields
@@ -48,6 +53,7 @@ from vlmlab.data.scenes.sample import Sample
 from vlmlab.errors import ConfigError, DataError
 from vlmlab.infer.vlm import IMAGE_MARKER, VisionLanguageModel, render_chat, splice_images
 from vlmlab.nn.lora import lora_param_groups
+from vlmlab.train.losses import NumberTokenLoss
 from vlmlab.train.trainer import TrainConfig, Trainer, distributed_barrier, distributed_setup
 
 IGNORE_INDEX = -100
@@ -132,8 +138,11 @@ class ChatBatcher:
         return batch
 
 
-def next_token_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Cross-entropy of the labelled tokens (the head runs only at the positions predicting them)."""
+def next_token_step(model: nn.Module, batch: dict[str, torch.Tensor], numbers: NumberTokenLoss | None = None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the labelled tokens (the head runs only at the positions predicting them),
+    a mean over them; with `numbers`, each digit token's term adds numbers.weight x its number
+    token loss (`train.losses.NumberTokenLoss`), still divided by the number of labelled tokens."""
     targets = batch["labels"][:, 1:]
     at = torch.zeros_like(batch["labels"], dtype=torch.bool)
     at[:, :-1] = targets != IGNORE_INDEX
@@ -143,7 +152,12 @@ def next_token_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     if gold.numel() == 0:
         raise DataError("a training batch has no labelled (assistant) tokens")
     loss = F.cross_entropy(logits.float(), gold)
-    return loss, {"token_acc": float((logits.argmax(-1) == gold).float().mean()), "tokens": float(gold.numel())}
+    metrics = {"token_acc": float((logits.argmax(-1) == gold).float().mean()), "tokens": float(gold.numel())}
+    if numbers is not None:
+        distance, digits = numbers(logits, gold)
+        loss = loss + numbers.weight * distance / gold.numel()
+        metrics["digit_distance"] = float(distance.detach()) / max(digits, 1)  # mean expected |digit error|
+    return loss, metrics
 
 
 # ---- data sources ---------------------------------------------------------------------------------
@@ -386,7 +400,16 @@ def _train_config(spec: dict[str, Any], where: str, also: tuple[str, ...] = ()) 
 
 def _stage_config(stage: dict[str, Any]) -> TrainConfig:
     return _train_config(stage, f"stage {stage.get('name', '?')!r}",
-                         also=("name", "data", "lora", "gradient_checkpointing", "max_length", "system"))
+                         also=("name", "data", "lora", "gradient_checkpointing", "max_length", "system",
+                               "number_loss"))
+
+
+def _number_loss_weight(stage: dict[str, Any]) -> float:
+    weight = stage.get("number_loss", 0.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise ConfigError(f"stage {stage.get('name', '?')!r}: number_loss must be a weight >= 0 (0 = off), "
+                          f"got {weight!r}")
+    return float(weight)
 
 
 def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume: bool = False,
@@ -395,6 +418,9 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
     `parallel` ("ddp" or "fsdp", under torchrun) overrides what the stages say."""
     if not isinstance(recipe, dict):
         recipe = load_recipe(recipe)
+    for stage in recipe["stages"]:  # a mistake in the last stage is named before the first trains
+        _stage_config(stage)
+        _number_loss_weight(stage)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(recipe["model"], out, resume=resume, progress=progress)
@@ -425,7 +451,10 @@ def _train_stages(model: VisionLanguageModel, net: nn.Module, recipe: dict[str, 
         stage_dir = out / f"{i}-{name}"
         source = sample_source(stage.get("data", {"source": "scenes"}), seed=cfg.seed, run=out)
         batcher = ChatBatcher(model, stage.get("max_length"), stage.get("system"))
-        trainer = Trainer(net, next_token_step, batches(source, batcher, cfg.batch_size), cfg, stage_dir,
+        step = next_token_step
+        if _number_loss_weight(stage):
+            step = functools.partial(next_token_step, numbers=NumberTokenLoss(model.tokenizer, stage["number_loss"]))
+        trainer = Trainer(net, step, batches(source, batcher, cfg.batch_size), cfg, stage_dir,
                           samples_per_batch="samples", find_unused_parameters=True)
         done = stage_dir / "done.json"
         if resume and done.is_file():  # finished before: its checkpoint holds the stage's final weights
