@@ -133,20 +133,14 @@ class NumberTokenLoss:
             ids.append(encoded[0])
         self.weight = weight
         self.digit_ids = torch.tensor(ids)
-        self._values = {}  # vocabulary size -> (vocab,) digit value of each token, -1 for other tokens
-
-    def value_table(self, vocab: int) -> torch.Tensor:
-        if vocab not in self._values:
-            table = torch.full((vocab,), -1, dtype=torch.long)
-            table[self.digit_ids] = torch.arange(10)
-            self._values[vocab] = table
-        return self._values[vocab]
 
     def __call__(self, logits: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, int]:
-        value = self.value_table(logits.shape[-1]).to(gold.device)[gold]
-        at = value >= 0
+        digit_ids = self.digit_ids.to(logits.device)
+        match = gold[:, None] == digit_ids  # (positions, 10): which digit each gold token is, if any
+        at = match.any(-1)
         if not bool(at.any()):
             return logits.new_zeros(()).float(), 0
-        p = logits[at][:, self.digit_ids.to(logits.device)].float().softmax(-1)
-        distance = (torch.arange(10, device=logits.device) - value[at, None]).abs().float()
+        p = logits[at][:, digit_ids].float().softmax(-1)
+        value = match[at].long().argmax(-1)
+        distance = (torch.arange(10, device=logits.device) - value[:, None]).abs().float()
         return (p * distance).sum(), int(at.sum())

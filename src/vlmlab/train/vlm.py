@@ -452,8 +452,8 @@ def _train_stages(model: VisionLanguageModel, net: nn.Module, recipe: dict[str, 
         source = sample_source(stage.get("data", {"source": "scenes"}), seed=cfg.seed, run=out)
         batcher = ChatBatcher(model, stage.get("max_length"), stage.get("system"))
         step = next_token_step
-        if _number_loss_weight(stage):
-            step = functools.partial(next_token_step, numbers=NumberTokenLoss(model.tokenizer, stage["number_loss"]))
+        if weight := _number_loss_weight(stage):
+            step = functools.partial(next_token_step, numbers=NumberTokenLoss(model.tokenizer, weight))
         trainer = Trainer(net, step, batches(source, batcher, cfg.batch_size), cfg, stage_dir,
                           samples_per_batch="samples", find_unused_parameters=True)
         done = stage_dir / "done.json"
