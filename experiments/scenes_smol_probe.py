@@ -523,7 +523,7 @@ def place(model, n: int = 20, k: int = 1) -> dict[str, float]:
     (accuracy at IoU 0.5, mean IoU, box-centre error in pixels, correlation of the box centre with
     the true one along x and y), pointing accuracy, the teacher-forced accuracy of each box number's
     first digit (its hundreds: which tenth of the image; chance 0.1; x1 and y1 follow from x0, y0
-    and the size), and how often a detailed caption puts a one-object scene's object in the right
+    and the size; with location tokens, whether the predicted token is in the right hundred), and how often a detailed caption puts a one-object scene's object in the right
     ninth of the image (k = 1 only; chance 1/9)."""
     from vlmlab.train.vlm import IGNORE_INDEX, ChatBatcher
 
@@ -545,6 +545,14 @@ def place(model, n: int = 20, k: int = 1) -> dict[str, float]:
             logits = model.net(batch["input_ids"], batch.get("pixel_values"), attention_mask=batch["attention_mask"])
             gold, guess = batch["labels"][0, 1:], logits[0, :-1].argmax(-1)
             at = (gold != IGNORE_INDEX).nonzero().flatten().tolist()
+            if getattr(model.tokenizer, "bins", 0):  # location tokens: the hundreds of the coordinate
+                tok = model.tokenizer
+                coords = [i for i in at if tok.first_id <= int(gold[i]) < tok.vocab_size][:len(BOX_NUMBERS)]
+                for name, i in zip(BOX_NUMBERS, coords):
+                    right = tok.first_id <= int(guess[i]) < tok.vocab_size and \
+                        tok.location_value(int(guess[i])) // 100 == tok.location_value(int(gold[i])) // 100
+                    hits.setdefault(name, []).append(float(right))
+                continue
             for i, slot in zip(at, digit_slots([model.tokenizer.decode([int(gold[i])]) for i in at])):
                 if slot is not None and slot[1] == 0:
                     hits.setdefault(slot[0], []).append(float(guess[i] == gold[i]))

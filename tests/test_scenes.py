@@ -590,6 +590,12 @@ def test_dialogues_pack_true_answers_about_one_scene():
     assert _ids_and_bytes(samples) == _ids_and_bytes([again.sample(n) for n in range(16)])
     assert [t.text for t in generate_dialogue({"shape": 1}, 3, 2).turns] == \
         [t.text for t in generate_dialogue({"shape": 1}, 3, 2).turns]
+    # no box or points answer locates what an earlier one did (it could be copied, not found):
+    # one object, asked about three times, is located once by a box and once by points
+    lone = SceneConfig(min_objects=1, max_objects=1)
+    for seed in range(20):
+        answers = [a for a in generate_dialogue({"ground": 3, "point": 1}, 4, seed, config=lone).answers if a.value]
+        assert [a.kind for a in answers].count("box") == 1 and [a.kind for a in answers].count("points") <= 1
     with pytest.raises(InputError, match="dialogue tasks"):
         generate_dialogue({"multi_image_more": 1}, 3, 0)
     with pytest.raises(InputError, match="dialogue_turns"):

@@ -118,7 +118,7 @@ def test_number_token_loss_scores_a_digit_by_its_distance(micro):
         def encode(self, text):
             return [1, 2]
 
-    with pytest.raises(ValueError, match="single-token digits"):
+    with pytest.raises(ConfigError, match="single-token digits"):
         NumberTokenLoss(Splitting(), 0.3)
 
 

@@ -21,6 +21,7 @@ from vlmlab.infer.dual import DualEncoder, TextInputs
 from vlmlab.infer.vlm import VisionLanguageModel
 from vlmlab.models import clip, idefics3, lit, llava, siglip
 from vlmlab.text import llama
+from vlmlab.text.locations import add_location_tokens, with_locations
 from vlmlab.text.tokenizer import Tokenizer
 from vlmlab.vision.preprocess import ImageProcessor
 
@@ -117,12 +118,13 @@ def _load_llava(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguag
     if source is None:
         net = llava.LlavaNet(cfg)
         net.load_hf_tensors(tensors, origin, dtype)
-        return VisionLanguageModel(net, Tokenizer.from_folder(folder), processor, name=folder.name)
+        return VisionLanguageModel(net, with_locations(Tokenizer.from_folder(folder), cfg.location_tokens), processor,
+                                   name=folder.name)
     lm = load(source, dtype=torch.float32)
     if type(lm) is not LanguageModel:
         raise ConfigError(f"{folder / 'config.json'}: {PARTS_FIELD} {source!r} is not a decoder language model")
     with lm.unpacked() as text_net:
-        if text_net.cfg.to_hf() != cfg.text.to_hf():
+        if _architecture(text_net.cfg.to_hf()) != _architecture(cfg.text.to_hf()):
             raise ConfigError(f"{folder / 'config.json'}: text_config does not describe {source!r}")
         net = llava.LlavaNet(cfg, language_model=text_net)
     net.load_hf_tensors(tensors, origin, torch.float32, with_language_model=False)
@@ -130,7 +132,8 @@ def _load_llava(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguag
         from vlmlab.checkpoints.peft import load_adapter
 
         load_adapter(net, folder / "adapter", key_map=llava.PEFT_KEY_MAP, merge=True)
-    return VisionLanguageModel(net.to(dtype), lm.tokenizer, processor, name=folder.name)
+    return VisionLanguageModel(net.to(dtype), with_locations(lm.tokenizer, cfg.location_tokens), processor,
+                               name=folder.name)
 
 
 def _load_idefics3(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguageModel:
@@ -149,6 +152,11 @@ def _load_idefics3(folder: Path, config: dict, dtype: torch.dtype) -> VisionLang
     return VisionLanguageModel(net, tokenizer, processor, name=folder.name)
 
 
+def _architecture(text_config: dict) -> dict:
+    """A decoder config without its storage dtype (a vlmlab-saved folder names one; a GGUF does not)."""
+    return {k: v for k, v in text_config.items() if k not in ("dtype", "torch_dtype")}
+
+
 PARTS_FIELD = "vlmlab_language_model"  # config.json of a parts folder: where its language model comes from
 
 
@@ -163,7 +171,8 @@ def save_parts(model: VisionLanguageModel, folder: str | Path, language_model: s
 
     folder = Path(folder)
     with model.unpacked() as net:
-        tensors = {k: v for k, v in net.hf_state_dict().items() if not k.startswith("language_model.")}
+        tensors = {k: v for k, v in net.hf_state_dict().items()
+                   if not k.startswith("language_model.") or k == llava.ADDED_EMBEDDINGS}
         if any(".lora_" in k for k in tensors):
             raise ConfigError("save_parts: LoRA adapters outside the language model cannot be saved as parts")
         cfg = {**net.cfg.to_hf(), PARTS_FIELD: language_model, "dtype": "float32"}
@@ -205,7 +214,8 @@ def assemble(vision: str | Path, language_model: str | Path, *, projector: str =
              image_token: str = "<image>", vision_feature_layer: int | list[int] = -2,
              vision_feature_select_strategy: str = "default", pixel_shuffle: int = 1, feature_norm: bool = False,
              image_positions: bool = False, mrope_sections: list[int] | None = None,
-             mrope_interleaved: bool = False, dtype: str | torch.dtype | None = None, seed: int = 0) -> VisionLanguageModel:
+             mrope_interleaved: bool = False, location_tokens: int = 0, dtype: str | torch.dtype | None = None,
+             seed: int = 0) -> VisionLanguageModel:
     """A LLaVA from parts: the ViT of a dual encoder (built-in name or CLIP / SigLIP / LiT folder),
     a decoder language model (name, GGUF file or HF folder) with its tokenizer and chat template,
     and a new, randomly initialised projector (train it: projector alignment). `image_token` is
@@ -216,7 +226,8 @@ def assemble(vision: str | Path, language_model: str | Path, *, projector: str =
     `image_positions` adds a learned row + column embedding to each image token (zeros until trained).
     `mrope_sections` (temporal, height, width; summing to half the decoder's head dim) gives the
     decoder M-RoPE: image tokens rotated by their row and column, text exactly as before
-    (`mrope_interleaved`: Qwen3-VL's frequency layout instead of Qwen2-VL's).
+    (`mrope_interleaved`: Qwen3-VL's frequency layout instead of Qwen2-VL's). `location_tokens` = n
+    writes boxes as n location tokens, one per coordinate (`text.locations.add_location_tokens`).
     `save()` writes one HF LLaVA folder."""
     dual, lm = load(vision, dtype=dtype), load(language_model, dtype=dtype)
     if not isinstance(dual, DualEncoder):
@@ -245,7 +256,10 @@ def assemble(vision: str | Path, language_model: str | Path, *, projector: str =
         raise ConfigError(f"assemble: the vision tower lacks {missing.missing_keys[:3]}")
     net.to(next(text_net.parameters()).dtype)
     name = f"{Path(str(vision)).name}+{Path(str(language_model)).name}"
-    return VisionLanguageModel(net, lm.tokenizer, dual.processor, name=name)
+    model = VisionLanguageModel(net, lm.tokenizer, dual.processor, name=name)
+    if location_tokens:
+        add_location_tokens(model, location_tokens)
+    return model
 
 
 def load(

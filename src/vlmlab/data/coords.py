@@ -25,11 +25,14 @@ Point = tuple[float, float]  # x, y in pixels
 BOX_SCALE = 1000
 POINT_SCALE = 100.0
 
-_BOX = re.compile(r"\(\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\)\s*,?\s*\(\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\)")
+BOX_PATTERN = re.compile(r"\(\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\)\s*,?\s*\(\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\)")
 _NUM = r'"\s*(-?\d+(?:\.\d+)?)\s*"'
 _POINT = re.compile(rf"<point\s+x\s*=\s*{_NUM}\s+y\s*=\s*{_NUM}[^>]*>")
 _POINTS = re.compile(r"<points\s+([^>]*)>")
 _POINTS_ATTR = re.compile(rf"([xy])(\d+)\s*=\s*{_NUM}")
+POINT_TAG_PATTERN = re.compile(r"<points?\s[^>]*>")  # an opening point tag, whose x / y attributes are coordinates
+# inside such a tag, one percentage: the value of x="", y="", x1="", y12="", ...
+POINT_COORD_PATTERN = re.compile(r'(?:(?<=[xy]=")|(?<=[xy]\d=")|(?<=[xy]\d\d="))(\d{1,3}(?:\.\d+)?)(?=")')
 
 
 def _norm(value: float, size: int, scale: float) -> float:
@@ -46,7 +49,7 @@ def format_box(box: Box, width: int, height: int) -> str:
 
 def parse_box(text: str, width: int, height: int) -> Box | None:
     """The first well-formed box in `text`, in pixels; None if there is none or it is empty/out of range."""
-    m = _BOX.search(text)
+    m = BOX_PATTERN.search(text)
     if m is None:
         return None
     x0, y0, x1, y1 = (int(v) for v in m.groups())
@@ -57,7 +60,7 @@ def parse_box(text: str, width: int, height: int) -> Box | None:
 
 def find_boxes(text: str, width: int, height: int) -> list[Box]:
     """Every well-formed box in `text`, in pixels (malformed or empty ones are skipped)."""
-    return [box for m in _BOX.finditer(text) if (box := parse_box(m.group(0), width, height)) is not None]
+    return [box for m in BOX_PATTERN.finditer(text) if (box := parse_box(m.group(0), width, height)) is not None]
 
 
 def format_points(points: list[Point], width: int, height: int, label: str) -> str:

@@ -70,7 +70,7 @@ class PlaceholderVLM(nn.Module):
         """Prompt embeddings with the image features written over the placeholder tokens.
         `decoding`: generated ids after the prompt, where an image token is only a token (as
         transformers treats it), not a placeholder waiting for an image."""
-        embeds = self.language_model.model.embed_tokens(input_ids)
+        embeds = self.language_model.model.embed(input_ids)
         if decoding and pixel_values is None:
             return embeds
         features = self.image_features(pixel_values) if pixel_values is not None else None

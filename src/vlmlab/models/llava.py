@@ -14,9 +14,11 @@ buffers `feature_norm.mean` / `.std`; see `connectors.projector.Standardize`). `
 learned row and column embedding to each projected token (`image_positions.rows` / `.columns`;
 `connectors.projector.GridPositions`). `mrope_sections` gives the decoder Qwen2-VL's M-RoPE: image
 tokens rotated by their row and column on the grid, text as before (`nn.rope`;
-`mrope_interleaved`: Qwen3-VL's frequency layout). transformers' LLaVA has none of these steps;
-vlmlab writes them to config.json as `vlmlab_pixel_shuffle` / `vlmlab_feature_norm` /
-`vlmlab_image_positions` / `vlmlab_mrope_sections` / `vlmlab_mrope_interleaved`.
+`mrope_interleaved`: Qwen3-VL's frequency layout). `location_tokens` = n: boxes written as n location
+tokens after the vocabulary, one per coordinate (`text.locations`; their embeddings
+`language_model.model.added_embeddings`). transformers' LLaVA has none of these steps; vlmlab writes
+them to config.json as `vlmlab_pixel_shuffle` / `vlmlab_feature_norm` / `vlmlab_image_positions` /
+`vlmlab_mrope_sections` / `vlmlab_mrope_interleaved` / `vlmlab_location_tokens`.
 
 Loads Hugging Face `LlavaForConditionalGeneration` folders in every layout transformers has
 written: 5.x (`language_model.model.*`, `vision_tower.*`), 4.52-4.57
@@ -33,6 +35,7 @@ import torch
 
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
 from vlmlab.connectors.pixel_shuffle import pixel_shuffle
+from vlmlab.data.coords import BOX_SCALE
 from vlmlab.connectors.projector import GridPositions, Projector, Standardize
 from vlmlab.errors import ConfigError
 from vlmlab.fusion.placeholders import PlaceholderVLM
@@ -47,6 +50,7 @@ FEATURE_NORM_FIELD = "vlmlab_feature_norm"  # config.json: standardised projecto
 IMAGE_POSITIONS_FIELD = "vlmlab_image_positions"  # config.json: learned row + column embeddings (absent: false)
 MROPE_FIELD = "vlmlab_mrope_sections"  # config.json: M-RoPE frequency sections of the decoder (absent: 1D RoPE)
 MROPE_INTERLEAVED_FIELD = "vlmlab_mrope_interleaved"  # config.json: Qwen3-VL's interleaved layout (absent: false)
+LOCATION_TOKENS_FIELD = "vlmlab_location_tokens"  # config.json: box coordinates as location tokens (absent: 0)
 
 # vision_config.model_type -> (HF defaults, ViT switches) of that tower family
 VISION_FAMILIES = {
@@ -74,6 +78,8 @@ class LlavaConfig:
     # frequency sections (temporal, height, width; they sum to half the head dim). Not in transformers.
     mrope_sections: list[int] | None = None
     mrope_interleaved: bool = False  # Qwen3-VL's layout: t, h, w alternate over the frequencies
+    # Boxes written as this many location tokens after the vocabulary (`text.locations`); 0: as digits.
+    location_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,6 +106,10 @@ class LlavaConfig:
             if getattr(self, name) and with_class_token:
                 raise ConfigError(f"{name} needs image tokens on a grid: no [class] token among the features "
                                   "(vision_feature_select_strategy 'default')")
+        n = self.location_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n == 1 or n > BOX_SCALE + 1:
+            raise ConfigError(f"location_tokens must be 0 (boxes as digits) or a number of bins from 2 to "
+                              f"{BOX_SCALE + 1}, got {n!r}")
         m = self.mrope_sections
         if m is not None and (not isinstance(m, (list, tuple)) or len(m) != 3 or sum(m) != self.text.head_dim // 2
                               or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in m)):
@@ -144,6 +154,7 @@ class LlavaConfig:
             image_positions=hf.get(IMAGE_POSITIONS_FIELD, False),
             mrope_sections=hf.get(MROPE_FIELD),
             mrope_interleaved=hf.get(MROPE_INTERLEAVED_FIELD, False),
+            location_tokens=hf.get(LOCATION_TOKENS_FIELD, 0),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -160,6 +171,8 @@ class LlavaConfig:
             extensions[MROPE_FIELD] = list(self.mrope_sections)
             if self.mrope_interleaved:
                 extensions[MROPE_INTERLEAVED_FIELD] = True
+        if self.location_tokens:
+            extensions[LOCATION_TOKENS_FIELD] = self.location_tokens
         return {
             "architectures": list(HF_ARCHITECTURES), "model_type": "llava",
             "vision_config": {**self.vision.to_hf(), "model_type": self.vision_model_type},
@@ -192,6 +205,8 @@ class LlavaNet(PlaceholderVLM):
             self.language_model.model.rotary = MultimodalRotaryEmbedding(
                 t.head_dim, t.rope_theta, cfg.mrope_sections, t.rope_scaling, interleaved=cfg.mrope_interleaved)
             self.rope_grid = (side, side)
+        if cfg.location_tokens:  # their embeddings: a checkpoint's, or text.locations.ruler_embeddings
+            self.language_model.model.add_tokens(torch.zeros(cfg.location_tokens, cfg.text.hidden_size))
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, features per image, LM width): the selected layers' tokens, projected."""
@@ -234,8 +249,8 @@ class LlavaNet(PlaceholderVLM):
         tower and projector (the language model was given to the constructor)."""
         renamed = siglip.split_in_proj({rename(k, HF_KEY_MAP): v for k, v in tensors.items()}, origin, HEAD_ATTN)
         optional = ["language_model.lm_head.weight"] if self.cfg.text.tie_word_embeddings else []
-        if not with_language_model:
-            optional = [k for k in self.state_dict() if k.startswith("language_model.")]
+        if not with_language_model:  # the location tokens' embeddings are the folder's own
+            optional = [k for k in self.state_dict() if k.startswith("language_model.") and k != ADDED_EMBEDDINGS]
         load_state(self, renamed, origin=origin, ignore=HF_IGNORED, optional=optional, dtype=dtype)
         self.language_model.tie_weights()
 
@@ -258,6 +273,7 @@ HF_KEY_MAP: KeyMap = [
     (r"^lm_head\.", "language_model.lm_head."),
     (r"^vision_tower\.(.*)\.out_proj\.", r"vision_tower.\1.o_proj."),
 ]
+ADDED_EMBEDDINGS = "language_model.model.added_embeddings"  # location tokens (LlamaModel.add_tokens)
 HEAD_ATTN = "vision_tower.head.attention"  # a SigLIP tower's pooling attention (fused in_proj on disk)
 TO_HF_KEY_MAP: KeyMap = [(r"^vision_tower\.(.*)\.o_proj\.", r"vision_tower.\1.out_proj.")]
 HF_IGNORED = [r"^vision_tower\.embeddings\.position_ids$", r"rotary_emb\.inv_freq$"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmlab.checkpoints.gguf import INT4_TYPES, GGUFFile
@@ -227,6 +228,31 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.gradient_checkpointing = False  # nn/checkpointing.py
+        self.added_embeddings: nn.Parameter | None = None  # add_tokens
+
+    def add_tokens(self, embeddings: torch.Tensor) -> None:
+        """Tokens after the vocabulary (ids vocab_size, vocab_size + 1, ...) with these (n, width)
+        embeddings: a parameter of their own (`added_embeddings`, trainable apart from the frozen
+        table), read as input embeddings and as the output head's rows for those ids (tied).
+        Location tokens are the use (`text.locations`)."""
+        if self.added_embeddings is not None:
+            raise ConfigError("add_tokens: this model has added tokens already")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.cfg.hidden_size:
+            raise ConfigError(f"add_tokens: embeddings of shape {tuple(embeddings.shape)}, expected (n, "
+                              f"{self.cfg.hidden_size})")
+        self.added_embeddings = nn.Parameter(embeddings.to(self.embed_tokens.weight.dtype).clone())
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of `input_ids` (added tokens' from `added_embeddings`)."""
+        added = self.added_embeddings
+        if added is None:
+            return self.embed_tokens(input_ids)
+        v = self.cfg.vocab_size
+        if input_ids.numel() and int(input_ids.max()) >= v + added.shape[0]:
+            raise InputError(f"token id {int(input_ids.max())} is past the vocabulary ({v} + {added.shape[0]} added)")
+        is_added = (input_ids >= v)[..., None]
+        return torch.where(is_added, added[(input_ids - v).clamp(min=0)].to(self.embed_tokens.weight.dtype),
+                           self.embed_tokens(input_ids.clamp(max=v - 1)))
 
     def forward(
         self,
@@ -239,7 +265,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids or inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, _ = x.shape
         past = cache.length if cache is not None else 0
         padding = None
@@ -326,7 +352,10 @@ class LlamaForCausalLM(nn.Module):
             h = h[logits_at]
         elif logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return self.lm_head(h)
+        logits = self.lm_head(h)
+        if self.model.added_embeddings is not None:  # the added tokens' rows of the (tied) head
+            logits = torch.cat([logits, F.linear(h, self.model.added_embeddings.to(h.dtype))], dim=-1)
+        return logits
 
     # ---- checkpoints -------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmlab.text.locations import digit_ids
+
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -115,32 +117,35 @@ class ContrastiveLoss(nn.Module):
 
 
 class NumberTokenLoss:
-    """NTL-WAS over the single-digit tokens "0".."9" of a tokenizer (their values 0-9).
+    """NTL-WAS (Zausinger et al., ICML 2025) over the tokens that stand for numbers: the digits
+    "0".."9" (values 0-9) and, where the tokenizer has them, the location tokens (a coordinate v in
+    0-1000 valued v / 100, so that one unit is a tenth of the image, as for a box's first digit).
 
-    `weight` scales it against cross-entropy: a digit position's loss is CE + weight * W1. Call with
-    the logits and gold ids of the labelled positions; returns the sum of W1 over the digit
-    positions among them (0 when there are none) and how many there were."""
+    At a position whose gold token is one of a group, W1 = sum_t p(t) |value(t) - value(gold)|
+    with p the softmax over that group's logits. `weight` scales it against cross-entropy: such a
+    position's loss is CE + weight * W1. Call with the logits and gold ids of the labelled
+    positions; returns the sum of W1 over the valued positions among them (0 when there are
+    none) and how many there were."""
 
     def __init__(self, tokenizer, weight: float):
         if not weight > 0:
             raise ValueError(f"number token loss weight must be > 0, got {weight}")
-        ids = []
-        for d in range(10):
-            encoded = tokenizer.encode(str(d))
-            if len(encoded) != 1:
-                raise ValueError(f"the number token loss needs single-token digits; the tokenizer splits "
-                                 f"{str(d)!r} into {len(encoded)} tokens")
-            ids.append(encoded[0])
         self.weight = weight
-        self.digit_ids = torch.tensor(ids)
+        self.groups = [(torch.tensor(digit_ids(tokenizer)), torch.arange(10, dtype=torch.float32))]
+        if (bins := getattr(tokenizer, "bins", 0)):  # a LocationTokenizer
+            ids = torch.arange(tokenizer.first_id, tokenizer.first_id + bins)
+            self.groups.append((ids, torch.tensor([tokenizer.location_value(int(i)) / 100 for i in ids])))
 
     def __call__(self, logits: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, int]:
-        digit_ids = self.digit_ids.to(logits.device)
-        match = gold[:, None] == digit_ids  # (positions, 10): which digit each gold token is, if any
-        at = match.any(-1)
-        if not bool(at.any()):
-            return logits.new_zeros(()).float(), 0
-        p = logits[at][:, digit_ids].float().softmax(-1)
-        value = match[at].long().argmax(-1)
-        distance = (torch.arange(10, device=logits.device) - value[:, None]).abs().float()
-        return (p * distance).sum(), int(at.sum())
+        total, count = logits.new_zeros(()).float(), 0
+        for ids, values in self.groups:
+            ids, values = ids.to(logits.device), values.to(logits.device)
+            match = gold[:, None] == ids  # (positions, group size): which token each gold is, if any
+            at = match.any(-1)
+            if not bool(at.any()):
+                continue
+            p = logits[at][:, ids].float().softmax(-1)
+            value = values[match[at].long().argmax(-1)]
+            total = total + (p * (values - value[:, None]).abs()).sum()
+            count += int(at.sum())
+        return total, count

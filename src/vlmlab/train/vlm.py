@@ -27,11 +27,13 @@ on the images of the first stage's first `calibration_images` samples ([model] f
 before training. `image_positions = true` (new or assembled) adds a learned row + column embedding
 to every image token, zeros until a stage trains them (param group "image_positions");
 `mrope_sections = [t, h, w]` gives the decoder M-RoPE (image tokens rotated by row and column;
-`mrope_interleaved = true`: Qwen3-VL's frequency layout).
+`mrope_interleaved = true`: Qwen3-VL's frequency layout). `location_tokens = n` (assembled, or in
+`[model]` beside `from`) writes boxes as n location tokens, one per coordinate (`text.locations`;
+param group "language_model.model.added_embeddings").
 A stage's own fields besides the `TrainConfig` ones: `name`, `data`, `lora`, `gradient_checkpointing`,
 `max_length`, `system` (a system prompt for every chat) and `number_loss = w` (add w x the number
-token loss at digit tokens, `train.losses.NumberTokenLoss`: boxes, points and counts learn how far
-off a digit is, not only whether it is right).
+token loss at digit and location tokens, `train.losses.NumberTokenLoss`: boxes, points and counts
+learn how far off a digit or coordinate is, not only whether it is right).
 """
 
 from __future__ import annotations
@@ -287,8 +289,8 @@ def build_model(spec: dict[str, Any], out: str | Path | None = None, *, resume: 
     `out/tower` first."""
     import vlmlab
 
-    _no_extra({k: v for k, v in spec.items() if k not in ("new", "assemble", "from", "calibration_images", "tower")},
-              "[model]")
+    _no_extra({k: v for k, v in spec.items()
+               if k not in ("new", "assemble", "from", "calibration_images", "tower", "location_tokens")}, "[model]")
     kinds = [k for k in ("new", "assemble", "from") if k in spec]
     if len(kinds) != 1:
         raise ConfigError("[model] needs exactly one of 'new', 'assemble' or 'from'")
@@ -304,7 +306,13 @@ def build_model(spec: dict[str, Any], out: str | Path | None = None, *, resume: 
         model = vlmlab.load(spec["from"])
         if not isinstance(model, VisionLanguageModel):
             raise ConfigError(f"[model] from: {model.name} is not a vision-language model")
+        if spec.get("location_tokens"):
+            from vlmlab.text.locations import add_location_tokens
+
+            add_location_tokens(model, spec["location_tokens"])
         return model
+    if "location_tokens" in spec:
+        raise ConfigError("[model] location_tokens adds location tokens to a 'from' model; [model.assemble] has its own")
     try:
         if "new" in spec:
             return new_llava(**spec["new"])

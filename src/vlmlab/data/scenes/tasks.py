@@ -718,7 +718,12 @@ def generate_dialogue(weights: Mapping[str, float], turns: int, seed: int, split
     """`turns` questions about one scene (fewer where the scene answers fewer distinct ones), each
     of a task drawn from `weights` (over the tasks of ASKERS). LLaVA-1.5 packs the questions about
     one image into one conversation the same way: the image tokens and the prompt are read once
-    for all of them, so a training step sees several answers for little more than one's cost."""
+    for all of them, so a training step sees several answers for little more than one's cost.
+
+    No two questions are the same, and no box or points answer locates what an earlier one did:
+    "Where is the circle?" and "Locate the circle." about the one circle (or points at the same
+    objects under other names) would let every answer after the first be copied from the
+    conversation instead of found in the image."""
     bad = [t for t in weights if t not in ASKERS]
     if bad or not weights:
         raise InputError(f"dialogue tasks must be among {', '.join(ASKERS)}; got {', '.join(bad) or 'none'}")
@@ -730,14 +735,18 @@ def generate_dialogue(weights: Mapping[str, float], turns: int, seed: int, split
     for attempt in range(MAX_ATTEMPTS):
         ctx = TaskContext(random.Random(derive_seed(gseed, "dialogue", attempt)), config, split, gseed)
         scene, _ = ctx.scene()
-        qas, asked = [], set()
+        qas, asked, located = [], set(), set()
         for _ in range(4 * turns):
             qa = ASKERS[ctx.rng.choices(names, w)[0]](ctx, scene)
-            if qa is not None and qa[0] not in asked:
-                asked.add(qa[0])
-                qas.append(qa)
-                if len(qas) == turns:
-                    break
+            place = (qa[2].kind, qa[2].image, tuple(qa[2].value)) if qa and qa[2].kind in ("box", "points") else None
+            if qa is None or qa[0] in asked or place in located:
+                continue
+            asked.add(qa[0])
+            if place is not None and place[2]:  # "There are none." may come twice
+                located.add(place)
+            qas.append(qa)
+            if len(qas) == turns:
+                break
         if qas:
             scenes, dialogue = _dialogue(scene, *qas)
             return Sample(id=f"{split}-{seed:09d}-dialogue", task="multi_turn", scenes=scenes, turns=dialogue)
