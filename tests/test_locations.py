@@ -71,21 +71,28 @@ def test_boxes_become_four_tokens_and_decode_back(located):
 
 
 def test_location_tokens_start_on_the_digit_ruler(located):
-    """Bin b's embedding interpolates the digits' at v / 100, so at the start the model scores
-    location tokens as it scores a box's first digit: tens land on the digits themselves."""
+    """Bin b's embedding points where the digits' line is at v / 100, all rows of the digits' mean
+    norm: tens point along the digits themselves, and every bin is the highest-scoring one for
+    some hidden state (its own direction), which rows on the chords between digits are not."""
+    import torch.nn.functional as F
+
     lm = located.net.language_model.model
     digits = digit_ids(located.tokenizer.base)
-    table = lm.embed_tokens.weight
-    added = lm.added_embeddings
+    table = lm.embed_tokens.weight.detach()
+    added = lm.added_embeddings.detach()
     assert added.shape == (101, table.shape[1])
-    for b in (0, 30, 90):  # v = 0, 300, 900: exactly the digit 0, 3, 9
-        torch.testing.assert_close(added[b], table[digits[b // 10]])
-    torch.testing.assert_close(added[35], (table[digits[3]] + table[digits[4]]) / 2)
-    torch.testing.assert_close(added[100], 2 * table[digits[9]] - table[digits[8]])
-    ruler = ruler_embeddings(table.detach(), digits, 1001)
-    torch.testing.assert_close(ruler[380], 0.2 * table[digits[3]] + 0.8 * table[digits[4]])
+    norm = table[digits].norm(dim=1).mean()
+    torch.testing.assert_close(added.norm(dim=1), norm.expand(101))
+    for b in (0, 30, 90):  # v = 0, 300, 900: along the digit 0, 3, 9
+        torch.testing.assert_close(added[b], F.normalize(table[digits[b // 10]], dim=0) * norm)
+    torch.testing.assert_close(F.normalize(added[35], dim=0),
+                               F.normalize(table[digits[3]] + table[digits[4]], dim=0))
+    torch.testing.assert_close(F.normalize(added[100], dim=0),
+                               F.normalize(2 * table[digits[9]] - table[digits[8]], dim=0))
+    for rows in (added, ruler_embeddings(table, digits, 1001)):
+        assert torch.equal((rows @ rows.T).argmax(1), torch.arange(len(rows)))  # each wins along itself
     with pytest.raises(ConfigError, match="ten digits"):
-        ruler_embeddings(table.detach(), digits[:9], 101)
+        ruler_embeddings(table, digits[:9], 101)
 
 
 def test_the_network_reads_and_writes_location_tokens(located):

@@ -14,8 +14,9 @@ The network side is `LlamaModel.add_tokens`: the n embeddings are a parameter of
 the base vocabulary's rows, read as input embeddings and (tied) as output head rows, so that they
 train with their own learning rate while the language model stays frozen, and a parts folder
 stores them beside the projector. `ruler_embeddings` starts them on the digits' embeddings:
-coordinate v at v / 100 along the line through the embeddings of "0", "1", ..., "9", so a model
-that writes a box's first digit writes at first the location token of that tenth of the image.
+coordinate v in the direction of the point at v / 100 along the line through the embeddings of
+"0", "1", ..., "9", so a model that writes a box's first digit scores at first the location
+tokens of that tenth of the image highest.
 """
 
 from __future__ import annotations
@@ -138,15 +139,20 @@ class LocationTokenizer:
 
 def ruler_embeddings(embeddings: torch.Tensor, digit_ids: list[int], bins: int) -> torch.Tensor:
     """(bins, width) starting rows for the location tokens: bin b's coordinate v at t = v / 100 on
-    the digit ruler, (1 - f) e(floor t) + f e(floor t + 1) with f = t - floor t (e: the embedding
-    of a digit's token; v = 1000 is e(9) + (e(9) - e(8)))."""
+    the digit ruler, the direction of (1 - f) e(floor t) + f e(floor t + 1) with f = t - floor t
+    (e: the embedding of a digit's token; v = 1000 is e(9) + (e(9) - e(8))), every row of the
+    digits' mean norm. Equal norms matter: a tied head scores token b by h . e_b, and a row on a
+    chord between two others is never the highest score for any h (with the chord rows themselves
+    only the ten digit points could be chosen); rows on a sphere each win for h along them."""
     if len(digit_ids) != 10:
         raise ConfigError(f"location tokens start on the ten digits' embeddings; got {len(digit_ids)} ids")
     digits = embeddings[torch.tensor(digit_ids)].float()
     t = torch.arange(bins, dtype=torch.float32) * (BOX_SCALE / 100) / (bins - 1)
     low = t.floor().clamp(max=8).long()
     f = (t - low)[:, None]
-    return ((1 - f) * digits[low] + f * digits[low + 1]).to(embeddings.dtype)
+    rows = (1 - f) * digits[low] + f * digits[low + 1]
+    rows = rows / rows.norm(dim=1, keepdim=True) * digits.norm(dim=1).mean()
+    return rows.to(embeddings.dtype)
 
 
 def digit_ids(tokenizer) -> list[int]:
