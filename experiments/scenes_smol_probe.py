@@ -42,6 +42,11 @@ Run from the repository root with the venv active:
     # is the box in the tokens at all? a small attention-pooling head (not the language model) fitted
     # to read it: tower patch tokens, projector input, image tokens; told the object's kind when k > 1
     python experiments/scenes_smol_probe.py readout --objects 1 3
+    # boxes and points as location tokens (docs/scenes-smol.md): the one-object stage with
+    # `location_tokens = 101` under [model] (beside `from`) and the param group
+    # "language_model.model.added_embeddings" = 2e-3; place reads their hundreds as first digits
+    vlmlab train --recipe runs/probe/loc.toml --out runs/probe/loc
+    python experiments/scenes_smol_probe.py place --model runs/probe/loc/model --objects 1
     # D: one token per object (linear heads find the objects); training needs the same view
     python experiments/scenes_smol_probe.py heads --model runs/probe/fromC --out runs/probe/heads.pt
     python experiments/scenes_smol_probe.py train --view objects --heads runs/probe/heads.pt \\
