@@ -60,6 +60,10 @@ def test_boxes_become_four_tokens_and_decode_back(located):
     assert tok.decode(ids) == points.replace("82.4", "82.0").replace("55.1", "55.0").replace("65.8", "66.0")
     assert all(tok.decode(ids).startswith(tok.decode(ids[:k])) for k in range(len(ids) + 1))
     assert exact_decodes(point) and exact_decodes(points)
+    with pytest.raises(InputError, match="non-negative"):
+        tok.decode([5, -1])
+    bos = [base.bos_token_id] if base.add_bos_token else []
+    assert tok.encode("(1,2),(3,4)", add_special_tokens=True)[:len(bos)] == bos
     assert tok.id_to_token(v + 7) == "<loc0007>" and tok.token_to_id("<loc0007>") == v + 7
     assert tok.token_to_id("<loc0101>") is None and tok.id_to_token(5) == base.id_to_token(5)
     assert tok.chat_template == base.chat_template and tok.eos_token_id == base.eos_token_id

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 
 from vlmlab.data.coords import BOX_PATTERN, BOX_SCALE, POINT_COORD_PATTERN, POINT_SCALE, POINT_TAG_PATTERN
-from vlmlab.errors import ConfigError
+from vlmlab.errors import ConfigError, InputError
 
 # A decoded run of location tokens outside a point tag: the k-th token of each four opens or
 # closes its corner, so that every prefix of a run decodes to a prefix of the whole box (streamed
@@ -89,7 +89,8 @@ class LocationTokenizer:
             start = m.end()
         ids += self._base_encode(text[start:])
         if add_special_tokens:  # the base's BOS / EOS around the whole text
-            ids = [self.base.bos_token_id] * self.base.add_bos_token + ids + [self.base.eos_token_id] * self.base.add_eos_token
+            base = self.base
+            ids = [base.bos_token_id] * base.add_bos_token + ids + [base.eos_token_id] * base.add_eos_token
         return ids
 
     def _base_encode(self, text: str) -> list[int]:
@@ -105,10 +106,12 @@ class LocationTokenizer:
         """Text of `ids`: the base's, a location token right after ``="`` written as a point's
         percentage, every other run of them as boxes."""
         ids = [int(i) for i in ids]
+        if any(i < 0 for i in ids):
+            raise InputError(f"token ids must be non-negative, got {min(ids)}")
         out: list[str] = []
         pending: list[int] = []
         run = 0
-        for i in [*ids, -1]:
+        for i in [*ids, -1]:  # -1: the end, where pending base ids are written out
             is_location = self.first_id <= i < self.vocab_size
             if pending and (is_location or i == -1):
                 out.append(self.base.decode(pending, skip_special_tokens=skip_special_tokens))
