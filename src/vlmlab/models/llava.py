@@ -35,8 +35,8 @@ import torch
 
 from vlmlab.checkpoints.state import KeyMap, load_state, rename
 from vlmlab.connectors.pixel_shuffle import pixel_shuffle
-from vlmlab.data.coords import BOX_SCALE
 from vlmlab.connectors.projector import GridPositions, Projector, Standardize
+from vlmlab.data.coords import BOX_SCALE
 from vlmlab.errors import ConfigError
 from vlmlab.fusion.placeholders import PlaceholderVLM
 from vlmlab.models import clip, siglip
