@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vlmlab.data.scenes.scene import SceneConfig
 from vlmlab.data.scenes.tasks import generate_sample
@@ -376,7 +377,6 @@ def test_lora_stage_writes_a_peft_adapter_and_a_merged_model(tmp_path):
                            and k.startswith("language_model")), k
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
-    from safetensors.torch import load_file
 
     keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert keys and all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
@@ -441,6 +441,96 @@ def test_parts_folder_loads_the_language_model_by_name_and_merges_the_adapter(tm
     (tmp_path / "parts" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="does not describe 'smollm2'"):
         vlmlab.load(tmp_path / "parts")
+
+
+def test_a_recipe_trains_a_parts_folders_adapter_further(tmp_path):
+    """[model] keep_adapter beside `from` a parts folder: its LoRA adapter stays LoRA layers, the
+    stage trains them (the same r and targets), and the run writes parts again (the shipping path
+    for a model trained further); image_positions and M-RoPE added beside `from` train too. A stage
+    whose adapters would differ from the model's is refused, and so is keep_adapter on a folder
+    that is not parts."""
+    import vlmlab
+    from vlmlab.api import save_parts
+    from vlmlab.checkpoints.peft import save_adapter
+    from vlmlab.infer.lm import LanguageModel
+    from vlmlab.models.llava import PEFT_KEY_MAP
+    from vlmlab.nn.lora import LoRAConfig, apply_lora
+
+    from conftest import micro_llava
+
+    start = micro_llava(seed=1)
+    LanguageModel(start.net.language_model, start.tokenizer, name="micro").save(tmp_path / "lm")
+    spec = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "down_proj"], "under": "language_model"}
+    apply_lora(start.net, LoRAConfig(**{**spec, "target_modules": tuple(spec["target_modules"])}))
+    with torch.no_grad():
+        for name, p in start.net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    save_adapter(start.net, tmp_path / "adapter", LoRAConfig(**spec), key_map=PEFT_KEY_MAP)
+    save_parts(start, tmp_path / "parts", str(tmp_path / "lm"), adapter=tmp_path / "adapter")
+    kept = vlmlab.load(tmp_path / "parts", keep_adapter=True)
+    ids = torch.tensor([start.tokenizer.encode("What is there?")])
+    with torch.no_grad():
+        torch.testing.assert_close(kept.net(ids), start.net(ids))
+    assert sum("lora_B" in k for k in kept.net.state_dict()) == 4  # 2 layers x (q_proj, down_proj)
+
+    recipe = {"name": "more", "model": {"from": str(tmp_path / "parts"), "keep_adapter": True,
+                                        "image_positions": True, "mrope_sections": [2, 3, 3]},
+              "stages": [{"name": "s", "steps": 2, "batch_size": 2, "lr": 1e-2, "warmup_steps": 0, "log_every": 1,
+                          "param_groups": {"": 0.0, "image_positions": 1e-1}, "lora": {**spec, "lr": 1e-2},
+                          "data": {"source": "scenes", "tasks": "color", "scene": SCENE}}]}
+    model = train_recipe(recipe, tmp_path / "run", progress=False)
+    config = json.loads((tmp_path / "run" / "parts" / "config.json").read_text())
+    assert config["vlmlab_language_model"] == str(tmp_path / "lm")
+    assert config["vlmlab_image_positions"] and config["vlmlab_mrope_sections"] == [2, 3, 3]
+    before = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "run" / "parts" / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(after[k].shape == v.shape for k, v in before.items())
+    assert not all(torch.equal(after[k], v) for k, v in before.items())  # the same adapter, trained further
+    parts, full = vlmlab.load(tmp_path / "run" / "parts"), vlmlab.load(tmp_path / "run" / "model")
+    image = generate_sample("color", 0, "test", SceneConfig(**SCENE)).images[0]
+    prompt = "<image>\nWhat color is it?"
+    a, extra = parts._prepare([prompt], system=None, chat=True, images=[[image]])
+    with torch.no_grad():
+        logits = parts.net(torch.tensor(a), extra["pixel_values"])
+        torch.testing.assert_close(logits, full.net(torch.tensor(a), extra["pixel_values"]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, model.net(torch.tensor(a), extra["pixel_values"]), atol=1e-5, rtol=0)
+    assert parts.net.image_positions.rows.abs().max() > 0  # trained from zeros
+
+    other = {**recipe["stages"][0], "lora": {**spec, "r": 8}}
+    with pytest.raises(ConfigError, match="already has LoRA adapters"):
+        train_recipe({**recipe, "stages": [other]}, tmp_path / "bad", progress=False)
+    with pytest.raises(ConfigError, match="keep_adapter needs a LLaVA parts folder"):
+        vlmlab.load(tmp_path / "run" / "model", keep_adapter=True)
+    with pytest.raises(ConfigError, match="already has image_positions"):
+        parts.net.add_positions(image_positions=True)
+    with pytest.raises(ConfigError, match="options of a 'from' model"):
+        train_recipe({**recipe, "model": {"new": dict(vision=VISION, text=TEXT, image_token="<empty_output>"),
+                                          "keep_adapter": True}}, tmp_path / "bad2", progress=False)
+
+
+def test_positions_added_to_a_trained_llava_start_as_the_identity(micro):
+    """add_positions(image_positions=True): zero grid positions, the same logits as before; M-RoPE
+    then rotates image tokens by row and column (text-only prompts keep their logits)."""
+    import copy
+
+    net = copy.deepcopy(micro.net)
+    image = generate_sample("color", 0, "test", SceneConfig(**SCENE)).images[0]
+    ids, extra = micro._prepare(["<image>\nWhat color?"], system=None, chat=True, images=[[image]])
+    ids, text = torch.tensor(ids), torch.tensor([micro.tokenizer.encode("What color?")])
+    with torch.no_grad():
+        before, before_text = net(ids, extra["pixel_values"]), net(text)
+        net.add_positions(image_positions=True)
+        torch.testing.assert_close(net(ids, extra["pixel_values"]), before, atol=0, rtol=0)
+        with pytest.raises(ConfigError, match="sections"):
+            net.add_positions(mrope_sections=[2, 3, 3], mrope_interleaved=True)  # no room for 3 per axis
+        assert net.cfg.mrope_sections is None
+        net.add_positions(mrope_sections=[4, 2, 2], mrope_interleaved=True)
+        assert net.cfg.mrope_sections == [4, 2, 2] and net.cfg.mrope_interleaved and net.cfg.image_positions
+        assert not torch.allclose(net(ids, extra["pixel_values"]), before)
+        torch.testing.assert_close(net(text), before_text, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="needs mrope_sections"):
+        copy.deepcopy(micro.net).add_positions(mrope_interleaved=True)
 
 
 @pytest.mark.slow

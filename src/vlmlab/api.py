@@ -60,7 +60,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, int4: bool) -> LanguageModel:
     return LanguageModel(net, Tokenizer.from_gguf(g), name=path.name)
 
 
-def _load_hf(folder: Path, dtype: torch.dtype) -> LanguageModel:
+def _load_hf(folder: Path, dtype: torch.dtype, keep_adapter: bool = False) -> LanguageModel:
     config = read_config(folder)
     archs = config.get("architectures") or []
     archs = [archs] if isinstance(archs, str) else archs
@@ -70,7 +70,7 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> LanguageModel:
     if dual is not None:
         return _load_dual(folder, config, dual, dtype)
     if any(a in llava.HF_ARCHITECTURES for a in archs):
-        return _load_llava(folder, config, dtype)
+        return _load_llava(folder, config, dtype, keep_adapter)
     if any(a in idefics3.HF_ARCHITECTURES for a in archs):
         return _load_idefics3(folder, config, dtype)
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
@@ -103,18 +103,22 @@ def _image_processor(folder: Path | None, kind: str, image_size: int) -> ImagePr
     return getattr(ImageProcessor, kind)(image_size)
 
 
-def _load_llava(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguageModel:
+def _load_llava(folder: Path, config: dict, dtype: torch.dtype, keep_adapter: bool = False) -> VisionLanguageModel:
     """A LLaVA folder: network, tokenizer (with its chat template), image processor.
 
     A folder of parts (what vlmlab ships: `"vlmlab_language_model": NAME` in config.json) holds
     only the vision tower and projector; the language model comes from NAME (a built-in model,
-    GGUF file or folder, which brings the tokenizer) plus the LoRA adapter in `adapter/`, merged.
+    GGUF file or folder, which brings the tokenizer) plus the LoRA adapter in `adapter/`, merged
+    (`keep_adapter`: kept as LoRA layers).
     """
     cfg = _parse_config(folder, config, llava.LlavaConfig)
     tensors, origin = read_safetensors(folder)
     kind = "siglip" if cfg.vision_model_type.startswith("siglip") else "clip"
     processor = _image_processor(folder, kind, cfg.vision.image_size)
     source = config.get(PARTS_FIELD)
+    if keep_adapter and (source is None or not (folder / "adapter").is_dir()):
+        raise ConfigError(f"{folder}: keep_adapter needs a parts folder ({PARTS_FIELD} in config.json) "
+                          "with an adapter/ folder")
     if source is None:
         net = llava.LlavaNet(cfg)
         net.load_hf_tensors(tensors, origin, dtype)
@@ -131,7 +135,7 @@ def _load_llava(folder: Path, config: dict, dtype: torch.dtype) -> VisionLanguag
     if (folder / "adapter").is_dir():
         from vlmlab.checkpoints.peft import load_adapter
 
-        load_adapter(net, folder / "adapter", key_map=llava.PEFT_KEY_MAP, merge=True)
+        load_adapter(net, folder / "adapter", key_map=llava.PEFT_KEY_MAP, merge=not keep_adapter)
     return VisionLanguageModel(net.to(dtype), with_locations(lm.tokenizer, cfg.location_tokens), processor,
                                name=folder.name)
 
@@ -263,12 +267,15 @@ def assemble(vision: str | Path, language_model: str | Path, *, projector: str =
 
 
 def load(
-    name_or_path: str | Path, *, dtype: str | torch.dtype | None = None, quantization: str | None = None
+    name_or_path: str | Path, *, dtype: str | torch.dtype | None = None, quantization: str | None = None,
+    keep_adapter: bool = False,
 ) -> LanguageModel | VisionLanguageModel | DualEncoder:
     """Load a model by built-in name (`smollm2`), HF folder or .gguf file, fully offline.
 
     quantization="int4" keeps a GGUF's 4-bit (Q4_0/Q4_1) layer weights in 4 bits and multiplies
     with an int4 kernel: about a quarter of the weight traffic of bfloat16 when decoding.
+    keep_adapter=True keeps a parts folder's LoRA adapter as LoRA layers (to train it further, as
+    `[model] keep_adapter` of a recipe does) instead of merging it into the language model.
     """
     path = resolve(str(name_or_path))
     torch_dtype = parse_dtype(dtype)
@@ -279,10 +286,13 @@ def load(
     int4 = quantization == "int4"
     if int4 and not int4_kernel_available():
         raise ConfigError("quantization 'int4' needs PyTorch's CPU int4 kernel, which this PyTorch build lacks")
+    if keep_adapter and (path.is_file() or PARTS_FIELD not in read_config(path)):
+        raise ConfigError(f"{path}: keep_adapter needs a LLaVA parts folder ({PARTS_FIELD} in config.json) with "
+                          "an adapter/ folder")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{path}: a model file must be .gguf (or pass an HF folder)")
         return _load_gguf(path, torch_dtype, int4)
     if int4:
         raise ConfigError(f"{path}: quantization 'int4' reads 4-bit GGUF tensors; this is a dense HF folder")
-    return _load_hf(path, torch_dtype)
+    return _load_hf(path, torch_dtype, keep_adapter)

@@ -28,7 +28,7 @@ written: 5.x (`language_model.model.*`, `vision_tower.*`), 4.52-4.57
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -196,17 +196,43 @@ class LlavaNet(PlaceholderVLM):
         if cfg.feature_norm:
             self.feature_norm = Standardize(width)
         self.multi_modal_projector = Projector(cfg.projector, width, cfg.text.hidden_size, cfg.projector_bias)
-        side = cfg.vision.grid // cfg.pixel_shuffle  # image tokens per row and column
-        if cfg.image_positions:
-            self.image_positions = GridPositions(side, side, cfg.text.hidden_size)
         self.language_model = language_model if language_model is not None else LlamaForCausalLM(cfg.text)
-        if cfg.mrope_sections:
+        self._build_positions(cfg.image_positions, bool(cfg.mrope_sections))
+        if cfg.location_tokens:  # their embeddings: a checkpoint's, or text.locations.ruler_embeddings
+            self.language_model.model.add_tokens(torch.zeros(cfg.location_tokens, cfg.text.hidden_size))
+
+    def _build_positions(self, image_positions: bool, mrope: bool) -> None:
+        """What says where an image token is: grid positions (zeros when new) and / or M-RoPE."""
+        cfg = self.cfg
+        side = cfg.vision.grid // cfg.pixel_shuffle  # image tokens per row and column
+        if image_positions:
+            self.image_positions = GridPositions(side, side, cfg.text.hidden_size)
+        if mrope:
             t = cfg.text
             self.language_model.model.rotary = MultimodalRotaryEmbedding(
                 t.head_dim, t.rope_theta, cfg.mrope_sections, t.rope_scaling, interleaved=cfg.mrope_interleaved)
             self.rope_grid = (side, side)
-        if cfg.location_tokens:  # their embeddings: a checkpoint's, or text.locations.ruler_embeddings
-            self.language_model.model.add_tokens(torch.zeros(cfg.location_tokens, cfg.text.hidden_size))
+
+    def add_positions(self, *, image_positions: bool = False, mrope_sections: list[int] | None = None,
+                      mrope_interleaved: bool = False) -> None:
+        """Give a built (trained) model what a new one gets from these config fields: grid positions
+        (zeros: the model answers as before until they train) and / or M-RoPE in the decoder (which
+        changes how it reads image tokens: train after). What the model has already is refused."""
+        if (image_positions and self.cfg.image_positions) or (mrope_sections and self.cfg.mrope_sections):
+            raise ConfigError(f"add_positions: the model already has "
+                              f"{'image_positions' if image_positions and self.cfg.image_positions else 'mrope_sections'}")
+        if mrope_interleaved and not mrope_sections:
+            raise ConfigError("add_positions: mrope_interleaved needs mrope_sections")
+        mrope = {"mrope_sections": list(mrope_sections), "mrope_interleaved": mrope_interleaved} if mrope_sections else {}
+        old, self.cfg = self.cfg, replace(self.cfg, image_positions=self.cfg.image_positions or image_positions, **mrope)
+        try:
+            self._build_positions(image_positions, bool(mrope))
+        except ConfigError:
+            self.cfg = old
+            raise
+        if image_positions:
+            anchor = next(self.multi_modal_projector.parameters())
+            self.image_positions.to(anchor.device, anchor.dtype)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, features per image, LM width): the selected layers' tokens, projected."""

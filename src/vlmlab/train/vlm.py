@@ -8,15 +8,20 @@ data, its `TrainConfig` fields (what trains at which learning rate: `param_group
 and optionally LoRA adapters. `train_recipe` runs the stages in order, stage i in `out/i-name/`
 with its own checkpoint and metrics (each resumable exactly), and writes the result to
 `out/model/` (an HF LLaVA folder, LoRA merged) plus `out/adapter/` (PEFT layout) when a stage
-used LoRA, and, for an assembled model, `out/parts/`: the vision tower, projector and adapter
-alone, loading the language model by name (`api.save_parts`; what vlmlab ships).
+used LoRA, and, for an assembled model or a kept adapter, `out/parts/`: the vision tower,
+projector and adapter alone, loading the language model by name (`api.save_parts`; what vlmlab
+ships).
 
 Model sources in `[model]`:
   new = {...}       a LLaVA built from scratch (`vision`, `text` config fields, `projector`,
                     `tokenizer` = a language model whose tokenizer to use, `image_token`)
   assemble = {...}  parts: `vision` = a dual encoder (its ViT), `language_model` = a decoder
                     (built-in name, GGUF or HF folder), a new `projector`, `image_token`
-  from = "DIR"      a saved VLM folder (LLaVA or Idefics3 / SmolVLM)
+  from = "DIR"      a saved VLM folder (LLaVA or Idefics3 / SmolVLM); beside it, `keep_adapter = true`
+                    trains a parts folder's LoRA adapter further (the stages' `lora` must describe
+                    it: same r, alpha, layers) and writes `out/parts` again, and `image_positions`,
+                    `mrope_sections`, `mrope_interleaved`, `location_tokens` add to a LLaVA what
+                    they give an assembled one (below)
 An assembled model may first train its image tower: `[model.tower]` runs `vlmlab train
 attributes` (`train.attributes`) in `out/tower/` before anything else, and `assemble` then takes
 that trained dual encoder as its `vision`. Fields: `init` (the dual encoder to start from), the
@@ -27,9 +32,9 @@ on the images of the first stage's first `calibration_images` samples ([model] f
 before training. `image_positions = true` (new or assembled) adds a learned row + column embedding
 to every image token, zeros until a stage trains them (param group "image_positions");
 `mrope_sections = [t, h, w]` gives the decoder M-RoPE (image tokens rotated by row and column;
-`mrope_interleaved = true`: Qwen3-VL's frequency layout). `location_tokens = n` (assembled, or in
-`[model]` beside `from`) writes boxes as n location tokens, one per coordinate (`text.locations`;
-param group "language_model.model.added_embeddings").
+`mrope_interleaved = true`: Qwen3-VL's frequency layout). `location_tokens = n` writes boxes as
+n location tokens, one per coordinate (`text.locations`; param group
+"language_model.model.added_embeddings").
 A stage's own fields besides the `TrainConfig` ones: `name`, `data`, `lora`, `gradient_checkpointing`,
 `max_length`, `system` (a system prompt for every chat) and `number_loss = w` (add w x the number
 token loss at digit and location tokens, `train.losses.NumberTokenLoss`: boxes, points and counts
@@ -290,7 +295,7 @@ def build_model(spec: dict[str, Any], out: str | Path | None = None, *, resume: 
     import vlmlab
 
     _no_extra({k: v for k, v in spec.items()
-               if k not in ("new", "assemble", "from", "calibration_images", "tower", "location_tokens")}, "[model]")
+               if k not in ("new", "assemble", "from", "calibration_images", "tower", *FROM_OPTIONS)}, "[model]")
     kinds = [k for k in ("new", "assemble", "from") if k in spec]
     if len(kinds) != 1:
         raise ConfigError("[model] needs exactly one of 'new', 'assemble' or 'from'")
@@ -303,22 +308,58 @@ def build_model(spec: dict[str, Any], out: str | Path | None = None, *, resume: 
         vision = train_tower(spec["tower"], Path(out) / "tower", resume=resume, progress=progress)
         spec = {**spec, "assemble": {**spec["assemble"], "vision": str(vision)}}
     if "from" in spec:
-        model = vlmlab.load(spec["from"])
-        if not isinstance(model, VisionLanguageModel):
-            raise ConfigError(f"[model] from: {model.name} is not a vision-language model")
-        if spec.get("location_tokens"):
-            from vlmlab.text.locations import add_location_tokens
-
-            add_location_tokens(model, spec["location_tokens"])
-        return model
-    if "location_tokens" in spec:
-        raise ConfigError("[model] location_tokens adds location tokens to a 'from' model; [model.assemble] has its own")
+        return _from_model(spec)
+    if given := [k for k in FROM_OPTIONS if k in spec]:
+        raise ConfigError(f"[model] {', '.join(given)}: options of a 'from' model; [model.assemble] has its own")
     try:
         if "new" in spec:
             return new_llava(**spec["new"])
         return vlmlab.assemble(**spec["assemble"])
     except TypeError as e:
         raise ConfigError(f"[model]: {e}") from None
+
+
+# [model] fields beside `from`: what to add to the saved model before the stages train
+FROM_OPTIONS = ("keep_adapter", "image_positions", "mrope_sections", "mrope_interleaved", "location_tokens")
+
+
+def _from_model(spec: dict[str, Any]) -> VisionLanguageModel:
+    """`[model] from = DIR` with what FROM_OPTIONS add: `keep_adapter = true` keeps a parts folder's
+    LoRA adapter as LoRA layers, which the stages (with the same `lora`) train further, and the run
+    then writes `out/parts` again (what vlmlab ships: the adapter stays the one size); grid positions,
+    M-RoPE and location tokens as `assemble` gives a new model."""
+    import vlmlab
+
+    keep = spec.get("keep_adapter", False)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"[model] keep_adapter must be true or false, got {keep!r}")
+    model = vlmlab.load(spec["from"], keep_adapter=keep)
+    if not isinstance(model, VisionLanguageModel):
+        raise ConfigError(f"[model] from: {model.name} is not a vision-language model")
+    positions = {k: spec[k] for k in ("image_positions", "mrope_sections", "mrope_interleaved") if k in spec}
+    if positions:
+        if not hasattr(model.net, "add_positions"):
+            raise ConfigError(f"[model] {', '.join(positions)}: {model.name} is not a LLaVA")
+        model.net.add_positions(**positions)
+    if spec.get("location_tokens"):
+        from vlmlab.text.locations import add_location_tokens
+
+        add_location_tokens(model, spec["location_tokens"])
+    return model
+
+
+def _parts_language_model(spec: dict[str, Any]) -> str | None:
+    """The language model a recipe's `out/parts` names (an assembled model, or a parts folder whose
+    adapter trains further), or None: the run writes no parts."""
+    if "assemble" in spec:
+        return spec["assemble"]["language_model"]
+    if spec.get("keep_adapter"):
+        from vlmlab.api import PARTS_FIELD
+        from vlmlab.checkpoints.hf import read_config
+        from vlmlab.checkpoints.resolve import resolve
+
+        return read_config(resolve(str(spec["from"])))[PARTS_FIELD]
+    return None
 
 
 def train_tower(spec: dict[str, Any], out: Path, *, resume: bool = False, progress: bool = True) -> Path:
@@ -480,11 +521,11 @@ def _train_stages(model: VisionLanguageModel, net: nn.Module, recipe: dict[str, 
 
         save_adapter(net, out / "adapter", lora_used, base_model_name_or_path=str(recipe.get("name", "")),
                      key_map=PEFT_KEY_MAP)
-    if "assemble" in recipe["model"]:  # what vlmlab ships: vision tower, projector, adapter; the LM by name
+    if (language_model := _parts_language_model(recipe["model"])) is not None:
+        # what vlmlab ships: vision tower, projector, adapter; the language model by name
         from vlmlab.api import save_parts
 
-        save_parts(model, out / "parts", recipe["model"]["assemble"]["language_model"],
-                   adapter=out / "adapter" if lora_used is not None else None)
+        save_parts(model, out / "parts", language_model, adapter=out / "adapter" if lora_used is not None else None)
     if lora_used is not None:
         from vlmlab.nn.lora import merge_lora
 
@@ -510,7 +551,7 @@ def _add_lora(net: nn.Module, spec: dict[str, Any], seed: int):
     """(LoRAConfig, adapted module names): adapters added per `spec` (fields of LoRAConfig, plus
     `lr`), initialised from `seed` alone (a run resumed after an earlier stage starts this one as
     the uninterrupted run did), or the ones an earlier stage added."""
-    from vlmlab.nn.lora import LoRAConfig, LoRALinear, apply_lora
+    from vlmlab.nn.lora import LoRAConfig, LoRALinear, apply_lora, linear_layers
 
     spec = {k: v for k, v in spec.items() if k != "lr"}
     if "target_modules" in spec and isinstance(spec["target_modules"], list):
@@ -519,9 +560,17 @@ def _add_lora(net: nn.Module, spec: dict[str, Any], seed: int):
         cfg = LoRAConfig(**spec)
     except TypeError as e:
         raise ConfigError(f"lora: {e}") from None
-    existing = [n for n, m in net.named_modules() if isinstance(m, LoRALinear)]
-    if existing:
-        return cfg, existing
+    existing = {n: m for n, m in net.named_modules() if isinstance(m, LoRALinear)}
+    if existing:  # an earlier stage's, or a kept adapter's: the stage must describe them as they are
+        wanted = {n for n, _ in linear_layers(net) if cfg.selects(n)}
+        odd = sorted(n for n, m in existing.items() if (m.r, m.scaling) != (cfg.r, cfg.scaling))
+        if wanted != set(existing) or odd:
+            some = next(iter(existing.values()))
+            raise ConfigError(f"lora {spec}: the model already has LoRA adapters (r={some.r}, alpha={some.alpha}, on "
+                              f"{len(existing)} layers such as {sorted(existing)[0]}), and this stage's would differ "
+                              f"({len(wanted)} layers, r={cfg.r}, alpha={cfg.alpha}); a stage trains the adapters "
+                              "there are")
+        return cfg, list(existing)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return cfg, apply_lora(net, cfg)
