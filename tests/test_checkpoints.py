@@ -812,6 +812,20 @@ def test_write_safetensors_round_trip_breaks_shared_storage(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
 
 
+def test_atomic_files_get_the_permissions_of_a_plain_write(tmp_path):
+    """Saved models are readable by whoever could read a file written with open() (the temporary
+    file's 0600 would otherwise survive the rename)."""
+    umask = os.umask(0o022)
+    try:
+        write_safetensors(tmp_path / "m.safetensors", {"w": torch.ones(2)})
+        write_json(tmp_path / "config.json", {"a": 1})
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"m.safetensors": 0o644, "config.json": 0o644, "plain": 0o644}
+
+
 def test_write_safetensors_failure_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "model.safetensors"
     write_safetensors(path, {"w": torch.ones(3)})

@@ -91,16 +91,30 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     return tensors, {name: str(path) for name in tensors}
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file in `path`'s folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+
+def _plain_mode() -> int:
+    """The permissions open() gives a new file (mkstemp's 0600 would make saved models unreadable
+    to other users)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write a file so that readers see either the old or the complete new content."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _plain_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -114,12 +128,11 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
     """Save tensors (made contiguous, shared storage broken) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(Path(path))
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, _plain_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
