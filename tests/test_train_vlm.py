@@ -509,6 +509,38 @@ def test_a_recipe_trains_a_parts_folders_adapter_further(tmp_path):
                                           "keep_adapter": True}}, tmp_path / "bad2", progress=False)
 
 
+def test_a_stage_adds_positions_and_location_tokens_before_it_trains(tmp_path):
+    """A stage's `add`: grid positions, M-RoPE and location tokens given to the model the earlier
+    stages trained, then trained by this stage; a resumed run adds them again before loading the
+    finished stage, and ends with the same weights; unknown fields are named before training."""
+    import vlmlab
+
+    from conftest import micro_llava
+
+    micro_llava(seed=2).save(tmp_path / "start")
+    first = {"name": "a", "steps": 1, "batch_size": 2, "lr": 1e-2, "warmup_steps": 0, "log_every": 1,
+             "save_every": 1, "param_groups": {"": 0.0, "multi_modal_projector": 1e-2},
+             "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"], "under": "language_model"},
+             "data": {"source": "scenes", "tasks": "ground", "scene": SCENE}}
+    second = {**first, "name": "b", "add": {"image_positions": True, "mrope_sections": [2, 3, 3],
+                                            "location_tokens": 11},
+              "param_groups": {"": 0.0, "image_positions": 1e-1, "language_model.model.added_embeddings": 1e-2}}
+    recipe = {"name": "grow", "model": {"from": str(tmp_path / "start")}, "stages": [first, second]}
+    model = train_recipe(recipe, tmp_path / "run", progress=False)
+    cfg = model.net.cfg
+    assert cfg.image_positions and cfg.mrope_sections == [2, 3, 3] and cfg.location_tokens == 11
+    assert model.net.image_positions.rows.abs().max() > 0
+    saved = vlmlab.load(tmp_path / "run" / "model")
+    assert saved.tokenizer.bins == 11 and saved.net.cfg.mrope_sections == [2, 3, 3]
+    again = train_recipe(recipe, tmp_path / "run", resume=True, progress=False)
+    for (k, v), (_, w) in zip(model.net.state_dict().items(), again.net.state_dict().items()):
+        assert torch.equal(v, w), k
+    with pytest.raises(ConfigError, match="stage 'b' add: unknown field.*pixel_shuffle"):
+        train_recipe({**recipe, "stages": [first, {**second, "add": {"pixel_shuffle": 2}}]}, tmp_path / "x",
+                     progress=False)
+    assert not (tmp_path / "x" / "0-a").exists()  # named before the first stage trained
+
+
 def test_positions_added_to_a_trained_llava_start_as_the_identity(micro):
     """add_positions(image_positions=True): zero grid positions, the same logits as before; M-RoPE
     then rotates image tokens by row and column (text-only prompts keep their logits)."""

@@ -36,9 +36,12 @@ to every image token, zeros until a stage trains them (param group "image_positi
 n location tokens, one per coordinate (`text.locations`; param group
 "language_model.model.added_embeddings").
 A stage's own fields besides the `TrainConfig` ones: `name`, `data`, `lora`, `gradient_checkpointing`,
-`max_length`, `system` (a system prompt for every chat) and `number_loss = w` (add w x the number
+`max_length`, `system` (a system prompt for every chat), `number_loss = w` (add w x the number
 token loss at digit and location tokens, `train.losses.NumberTokenLoss`: boxes, points and counts
-learn how far off a digit or coordinate is, not only whether it is right).
+learn how far off a digit or coordinate is, not only whether it is right) and `add = {...}` (the
+fields above that a LLaVA can be given later, `image_positions`, `mrope_sections`,
+`mrope_interleaved`, `location_tokens`, added before the stage: a recipe that grows a trained
+model stays one recipe).
 """
 
 from __future__ import annotations
@@ -319,15 +322,16 @@ def build_model(spec: dict[str, Any], out: str | Path | None = None, *, resume: 
         raise ConfigError(f"[model]: {e}") from None
 
 
-# [model] fields beside `from`: what to add to the saved model before the stages train
-FROM_OPTIONS = ("keep_adapter", "image_positions", "mrope_sections", "mrope_interleaved", "location_tokens")
+# What a trained LLaVA can be given later (beside `from`, or in a stage's `add`)
+ADDITIONS = ("image_positions", "mrope_sections", "mrope_interleaved", "location_tokens")
+FROM_OPTIONS = ("keep_adapter", *ADDITIONS)  # [model] fields beside `from`
 
 
 def _from_model(spec: dict[str, Any]) -> VisionLanguageModel:
     """`[model] from = DIR` with what FROM_OPTIONS add: `keep_adapter = true` keeps a parts folder's
     LoRA adapter as LoRA layers, which the stages (with the same `lora`) train further, and the run
     then writes `out/parts` again (what vlmlab ships: the adapter stays the one size); grid positions,
-    M-RoPE and location tokens as `assemble` gives a new model."""
+    M-RoPE and location tokens as `assemble` gives a new model (`add_to_model`)."""
     import vlmlab
 
     keep = spec.get("keep_adapter", False)
@@ -336,16 +340,24 @@ def _from_model(spec: dict[str, Any]) -> VisionLanguageModel:
     model = vlmlab.load(spec["from"], keep_adapter=keep)
     if not isinstance(model, VisionLanguageModel):
         raise ConfigError(f"[model] from: {model.name} is not a vision-language model")
+    add_to_model(model, {k: spec[k] for k in ADDITIONS if k in spec}, "[model]")
+    return model
+
+
+def add_to_model(model: VisionLanguageModel, spec: dict[str, Any], where: str) -> None:
+    """Give a trained LLaVA the ADDITIONS in `spec` (grid positions, zeros; M-RoPE; location
+    tokens started on the digit ruler) as a new one gets them from its config."""
+    _no_extra({k: v for k, v in spec.items() if k not in ADDITIONS}, where)
     positions = {k: spec[k] for k in ("image_positions", "mrope_sections", "mrope_interleaved") if k in spec}
+    if not hasattr(model.net, "add_positions") and (positions or spec.get("location_tokens")):
+        raise ConfigError(f"{where} {', '.join(spec)}: {model.name} is not a LLaVA")
     if positions:
-        if not hasattr(model.net, "add_positions"):
-            raise ConfigError(f"[model] {', '.join(positions)}: {model.name} is not a LLaVA")
-        model.net.add_positions(**positions)
+        with model.unpacked() as net:
+            net.add_positions(**positions)
     if spec.get("location_tokens"):
         from vlmlab.text.locations import add_location_tokens
 
         add_location_tokens(model, spec["location_tokens"])
-    return model
 
 
 def _parts_language_model(spec: dict[str, Any]) -> str | None:
@@ -450,7 +462,7 @@ def _train_config(spec: dict[str, Any], where: str, also: tuple[str, ...] = ()) 
 def _stage_config(stage: dict[str, Any]) -> TrainConfig:
     return _train_config(stage, f"stage {stage.get('name', '?')!r}",
                          also=("name", "data", "lora", "gradient_checkpointing", "max_length", "system",
-                               "number_loss"))
+                               "number_loss", "add"))
 
 
 def _number_loss_weight(stage: dict[str, Any]) -> float:
@@ -470,6 +482,9 @@ def train_recipe(recipe: dict[str, Any] | str | Path, out: str | Path, *, resume
     for stage in recipe["stages"]:  # a mistake in the last stage is named before the first trains
         _stage_config(stage)
         _number_loss_weight(stage)
+        if not isinstance(add := stage.get("add", {}), dict):
+            raise ConfigError(f"stage {stage.get('name', '?')!r}: add must be a table of {', '.join(ADDITIONS)}")
+        _no_extra({k: v for k, v in add.items() if k not in ADDITIONS}, f"stage {stage.get('name', '?')!r} add")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(recipe["model"], out, resume=resume, progress=progress)
@@ -491,6 +506,8 @@ def _train_stages(model: VisionLanguageModel, net: nn.Module, recipe: dict[str, 
     for i, stage in enumerate(recipe["stages"]):
         name = stage.get("name", f"stage{i}")
         cfg = _stage_config({**stage, **({"parallel": parallel} if parallel else {})})
+        if "add" in stage:  # before a finished stage's checkpoint loads too: it holds what was added
+            add_to_model(model, stage["add"], f"stage {name!r} add")
         if "lora" in stage:
             lora_used, adapted = _add_lora(net, stage["lora"], seed=cfg.seed + i)
             lr = stage["lora"].get("lr", cfg.lr)
