@@ -218,13 +218,15 @@ class LlavaNet(PlaceholderVLM):
         """Give a built (trained) model what a new one gets from these config fields: grid positions
         (zeros: the model answers as before until they train) and / or M-RoPE in the decoder (which
         changes how it reads image tokens: train after). What the model has already is refused."""
-        if (image_positions and self.cfg.image_positions) or (mrope_sections and self.cfg.mrope_sections):
-            raise ConfigError(f"add_positions: the model already has "
-                              f"{'image_positions' if image_positions and self.cfg.image_positions else 'mrope_sections'}")
+        had = [name for name, asked in (("image_positions", image_positions), ("mrope_sections", mrope_sections))
+               if asked and getattr(self.cfg, name)]
+        if had:
+            raise ConfigError(f"add_positions: the model already has {' and '.join(had)}")
         if mrope_interleaved and not mrope_sections:
             raise ConfigError("add_positions: mrope_interleaved needs mrope_sections")
-        mrope = {"mrope_sections": list(mrope_sections), "mrope_interleaved": mrope_interleaved} if mrope_sections else {}
-        old, self.cfg = self.cfg, replace(self.cfg, image_positions=self.cfg.image_positions or image_positions, **mrope)
+        mrope = dict(mrope_sections=list(mrope_sections), mrope_interleaved=mrope_interleaved) if mrope_sections else {}
+        old = self.cfg
+        self.cfg = replace(old, image_positions=old.image_positions or image_positions, **mrope)
         try:
             self._build_positions(image_positions, bool(mrope))
         except ConfigError:
