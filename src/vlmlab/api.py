@@ -116,9 +116,8 @@ def _load_llava(folder: Path, config: dict, dtype: torch.dtype, keep_adapter: bo
     kind = "siglip" if cfg.vision_model_type.startswith("siglip") else "clip"
     processor = _image_processor(folder, kind, cfg.vision.image_size)
     source = config.get(PARTS_FIELD)
-    if keep_adapter and (source is None or not (folder / "adapter").is_dir()):
-        raise ConfigError(f"{folder}: keep_adapter needs a parts folder ({PARTS_FIELD} in config.json) "
-                          "with an adapter/ folder")
+    if keep_adapter and not (folder / "adapter").is_dir():  # `load` checked that it is a parts folder
+        raise ConfigError(f"{folder}: keep_adapter needs a parts folder with an adapter/ folder")
     if source is None:
         net = llava.LlavaNet(cfg)
         net.load_hf_tensors(tensors, origin, dtype)
