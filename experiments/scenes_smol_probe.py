@@ -6,7 +6,9 @@ page can be produced again and the next idea tested the same way.
 Run from the repository root with the venv active:
 
     # base: scenes-smol's tower + projector and plain SmolLM2 (no adapter)       (B's starting point;
-    # B was measured on v3's parts, commit ebf318e; the package ships v4's now)
+    # B was measured on v3's parts, commit ebf318e; the package ships v6's now; --model PARTS starts
+    # from another parts folder, e.g. v5's, which the --image-positions arms below used:
+    # mkdir v5 && git archive a7f9ab0 src/vlmlab/weights/scenes-smol | tar -x --strip-components 4 -C v5)
     python experiments/scenes_smol_probe.py base --out runs/probe/fromB
     # the same tower, a projector regressed onto the words of what each token shows   (A; C with
     # --tower DUAL --pixel-shuffle 1: 196 tokens, a new feature norm; E: a tower trained further).
@@ -601,8 +603,8 @@ def main() -> None:
                          "score an enumerated count by its final number (64 new tokens)")
     a = ap.parse_args()
     if a.command == "base":
-        base(a.out, adapter=a.keep_adapter, image_positions=a.image_positions, mrope=a.mrope,
-             interleaved=a.interleaved)
+        base(a.out, Path(a.model) if a.model else SHIPPED, adapter=a.keep_adapter,
+             image_positions=a.image_positions, mrope=a.mrope, interleaved=a.interleaved)
     elif a.command == "anchor":
         if a.tower:
             model = vlmlab.assemble(a.tower, "smollm2", image_token="<empty_output>", vision_feature_layer=-1,

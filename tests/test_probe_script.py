@@ -149,11 +149,25 @@ def test_place_measures_boxes_points_first_digits_and_caption_regions(probe):
 
 
 def test_base_adds_zero_image_positions_and_keeps_the_adapter_when_asked(probe, tmp_path):
+    """base on a parts folder without grid positions (the shipped v6 has them: stripped first, as v5
+    had none) adds zero ones, keeps the adapter when asked, and refuses a folder that has them."""
+    import shutil
+
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     from vlmlab.models.llava import IMAGE_POSITIONS_FIELD
 
-    out = probe.base(tmp_path / "v", adapter=True, image_positions=True)
+    source = tmp_path / "source"
+    shutil.copytree(probe.SHIPPED, source)
+    config = json.loads((source / "config.json").read_text())
+    config.pop(IMAGE_POSITIONS_FIELD, None)
+    (source / "config.json").write_text(json.dumps(config))
+    tensors = load_file(source / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("image_positions.")}, source / "model.safetensors")
+    with pytest.raises(SystemExit, match="already has image positions"):
+        probe.base(tmp_path / "shipped", image_positions=True)
+    out = probe.base(tmp_path / "v", source=source, adapter=True, image_positions=True)
     config = json.loads((out / "config.json").read_text())
     assert config[IMAGE_POSITIONS_FIELD] is True
     assert sorted(p.name for p in (out / "adapter").iterdir()) == sorted(p.name for p in (probe.SHIPPED / "adapter").iterdir())
@@ -163,7 +177,7 @@ def test_base_adds_zero_image_positions_and_keeps_the_adapter_when_asked(probe, 
             assert grid.shape == (7, config["text_config"]["hidden_size"]) and not grid.any()
     with pytest.raises(SystemExit, match="already has image positions"):
         probe.base(tmp_path / "w", source=out, image_positions=True)
-    assert not (probe.base(tmp_path / "plain") / "adapter").exists()
+    assert not (probe.base(tmp_path / "plain", source=source) / "adapter").exists()
 
 
 def test_token_order_feeds_the_same_tokens_column_by_column_or_both_ways(probe):
