@@ -149,7 +149,7 @@ def test_place_measures_boxes_points_first_digits_and_caption_regions(probe):
 
 
 def test_base_adds_zero_image_positions_and_keeps_the_adapter_when_asked(probe, tmp_path):
-    """base on a parts folder without grid positions (the shipped v6 has them: stripped first, as v5
+    """base on a parts folder without grid positions (the shipped model has them since v6: stripped first, as v5
     had none) adds zero ones, keeps the adapter when asked, and refuses a folder that has them."""
     import shutil
 
