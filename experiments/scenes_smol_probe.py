@@ -6,7 +6,7 @@ page can be produced again and the next idea tested the same way.
 Run from the repository root with the venv active:
 
     # base: scenes-smol's tower + projector and plain SmolLM2 (no adapter)       (B's starting point;
-    # B was measured on v3's parts, commit ebf318e; the package ships v7's now; --model PARTS starts
+    # B was measured on v3's parts, commit ebf318e; the package ships a later one; --model PARTS starts
     # from another parts folder, e.g. v5's, which the --image-positions arms below used:
     # mkdir v5 && git archive a7f9ab0 src/vlmlab/weights/scenes-smol | tar -x --strip-components 4 -C v5)
     python experiments/scenes_smol_probe.py base --out runs/probe/fromB
