@@ -414,13 +414,13 @@ def report_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def parse_run_args(ap: argparse.ArgumentParser, argv: list[str] | None, workers: dict, parts: tuple[str, ...],
-                   repeats_default: str) -> argparse.Namespace | None:
-    """Add the options on parts, implementations, dtypes, repeats, quick mode, machine quietness, the code
-    under test and the output, and parse (args.parts, args.dtypes: what to run); in a worker process
-    (--_worker), run its measurement and return None."""
+                   repeats_default: str, extra_dtypes: tuple[str, ...] = ()) -> argparse.Namespace | None:
+    """Add the options on parts, implementations, dtypes (DTYPES plus the script's `extra_dtypes`), repeats,
+    quick mode, machine quietness, the code under test and the output, and parse (args.parts, args.dtypes:
+    what to run); in a worker process (--_worker), run its measurement and return None."""
     ap.add_argument("--only", choices=parts, help=f"run only one part ({' or '.join(parts)})")
     ap.add_argument("--impl", choices=[*IMPLS, "both"], default="both")
-    ap.add_argument("--dtype", choices=[*DTYPES, "all"], default="all",
+    ap.add_argument("--dtype", choices=[*DTYPES, *extra_dtypes, "all"], default="all",
                     help="train: bfloat16 means float32 weights under bfloat16 autocast")
     ap.add_argument("--repeats", type=int,
                     help=f"timed calls per configuration, median reported (default: {repeats_default})")
@@ -446,7 +446,7 @@ def parse_run_args(ap: argparse.ArgumentParser, argv: list[str] | None, workers:
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be at least 1")
     args.vlmlab_src = os.path.abspath(args.vlmlab_src) if args.vlmlab_src else None
-    args.dtypes = DTYPES if args.dtype == "all" else (args.dtype,)
+    args.dtypes = (*DTYPES, *extra_dtypes) if args.dtype == "all" else (args.dtype,)
     args.parts = (args.only,) if args.only else parts
     return args
 

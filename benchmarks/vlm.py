@@ -17,6 +17,10 @@ Both libraries run the same weights, from one Hugging Face LLaVA folder (float32
       (vlmlab: `_run` with 8 prompts, the batched form of `ask`; Batch on prepared rows; generate on the
       left-padded batch with its attention mask).
   The greedy tokens of both libraries are compared (leading tokens that agree).
+  The `int4` rows are vlmlab with `quantization="int4"`: the model saved as parts (vision tower +
+  projector, language model named "smollm2") and loaded with the GGUF's 4-bit layer weights kept in
+  4 bits (bfloat16 activations). Those codes are the weights transformers runs, dequantized; its
+  bfloat16 row is their peer (the ratio column).
 * train: samples/s of the tiny-scenes recipe's model (`new_llava(**recipe["model"]["new"])`,
   saved and loaded by both): vlmlab's `next_token_step` vs transformers' `model(..., labels=).loss`,
   the same loop around both (zero_grad, forward + loss [under bfloat16 autocast], backward, AdamW
@@ -48,7 +52,7 @@ import time
 from pathlib import Path
 
 # Helpers shared with the other benchmarks (this folder is on sys.path when a script in it runs).
-from lm_decode import fmt, loadavg, rss_mib
+from lm_decode import INT4, PEER_DTYPE, fmt, loadavg, rss_mib
 from lm_decode import run_worker as run_lm_decode_worker
 from vision import finish, measure, new_report, parse_run_args, process_stats, summarise, time_training, timed_calls
 
@@ -118,15 +122,16 @@ def worker_prepare_ask(spec: dict) -> dict:
     from safetensors.torch import save_file
 
     import vlmlab
-    from vlmlab.api import PARTS_FIELD
+    from vlmlab.api import PARTS_FIELD, save_parts
     from vlmlab.train.vlm import load_recipe, new_llava
 
-    folder = spec["folder"]
+    folder, parts = spec["folder"], None  # parts: a parts folder of the same model (int4 rows), if any
     if spec["model"]:
         config = json.loads((Path(spec["model"]) / "config.json").read_text())
         model = vlmlab.load(spec["model"])
         if PARTS_FIELD in config:  # transformers cannot read a parts folder: write the whole model
             model.save(folder)
+            parts = str(Path(spec["model"]).resolve())
         else:
             folder = str(Path(spec["model"]).resolve())
     else:
@@ -134,6 +139,8 @@ def worker_prepare_ask(spec: dict) -> dict:
             model = new_llava(**load_recipe(RECIPE)["model"]["new"])
         else:
             model = vlmlab.assemble("scenes-clip", "smollm2", image_token="<empty_output>", vision_feature_layer=-1)
+            parts = spec["parts"]
+            save_parts(model, parts, "smollm2")
         model.save(folder)
     question = question_of_length(model.tokenizer, spec["question_tokens"])
     batch = spec["batch"]
@@ -148,7 +155,7 @@ def worker_prepare_ask(spec: dict) -> dict:
         mask[r, width - len(row):] = 1
     save_file({"input_ids": input_ids, "attention_mask": mask, "pixel_values": extra["pixel_values"].float()},
               spec["inputs"])
-    return {"folder": folder, "question": question, "prompt_tokens": width, "pad_id": pad,
+    return {"folder": folder, "parts": parts, "question": question, "prompt_tokens": width, "pad_id": pad,
             "image_features": model.features_per_image(extra["pixel_values"]), **describe_net(model.net)}
 
 
@@ -181,7 +188,10 @@ def worker_ask(spec: dict) -> dict:
         import vlmlab
         from vlmlab.infer.batching import Batch, Row
 
-        model = vlmlab.load(spec["folder"], dtype=spec["dtype"])
+        if spec["dtype"] == INT4:
+            model = vlmlab.load(spec["parts"], dtype="bfloat16", quantization="int4")
+        else:
+            model = vlmlab.load(spec["folder"], dtype=spec["dtype"])
         getattr(model, "pack", lambda: None)()  # vlmlab packs at the first generation (older: on load)
         extra["onednn_packed"] = bool(model.packed)
         images = scene_images(batch)
@@ -315,7 +325,7 @@ def with_ratios(results: list[dict], part: str, rate: str) -> list[dict]:
     rows = [r for r in results if r["part"] == part]
     peer = {(r["dtype"], r["batch"]): r for r in rows if r["impl"] == "transformers"}
     for r in rows:
-        hf = peer.get((r["dtype"], r["batch"]))
+        hf = peer.get((PEER_DTYPE[r["dtype"]], r["batch"]))
         r["ratio"] = None
         if hf is None or r is hf:
             continue
@@ -380,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
                     "scenes-clip + smollm2 model, random projector)")
     ap.add_argument("--question-tokens", type=int, help="ask: tokens of the question (default 32; --quick: 8)")
     ap.add_argument("--new-tokens", type=int, help="ask: new tokens per sequence (default 32; --quick: 8)")
-    args = parse_run_args(ap, argv, WORKERS, PARTS, "ask 5, train 10; --quick: ask 2, train 3")
+    args = parse_run_args(ap, argv, WORKERS, PARTS, "ask 5, train 10; --quick: ask 2, train 3", extra_dtypes=(INT4,))
     if args is None:
         return
 
@@ -403,16 +413,24 @@ def main(argv: list[str] | None = None) -> None:
             print(f"preparing the ask model and inputs: {model} ...", file=sys.stderr)
             inputs = str(Path(tmp) / "ask-inputs.safetensors")
             prep = run_worker({"worker": "prepare_ask", "folder": str(Path(tmp) / "ask-model"), "inputs": inputs,
+                               "parts": str(Path(tmp) / "ask-parts"),
                                "model": args.model, "quick": args.quick, "batch": max(batches),
                                "question_tokens": question_tokens, "vlmlab_src": args.vlmlab_src})
             print(f"question ({question_tokens} tokens): {prep['question']!r}; prompt {prep['prompt_tokens']} tokens",
                   file=sys.stderr)
-            common = {"worker": "ask", "folder": prep["folder"], "inputs": inputs, "question": prep["question"],
+            common = {"worker": "ask", "folder": prep["folder"], "parts": prep["parts"], "inputs": inputs,
+                      "question": prep["question"],
                       "prompt_tokens": prep["prompt_tokens"], "pad_id": prep["pad_id"], "new_tokens": new_tokens,
                       "repeats": args.repeats or cfg["repeats"], "warmup": cfg["warmup"], "vlmlab_src": args.vlmlab_src}
+            if INT4 in args.dtypes and prep["parts"] is None:
+                print("int4 rows skipped: the model is not a parts folder over a GGUF language model", file=sys.stderr)
             for dtype in args.dtypes:
+                if dtype == INT4 and prep["parts"] is None:
+                    continue
                 for batch in batches:
                     for impl in impls_of(ASK_IMPLS):  # back to back, so they see similar machine load
+                        if dtype == INT4 and impl == "transformers":
+                            continue  # its peer is transformers' bfloat16 row
                         spec = {**common, "impl": impl, "dtype": dtype, "batch": batch}
                         results.append(measure(spec, "tokens_per_s", args, run_worker))
             report_parts["ask"] = {
@@ -433,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
                     "batch": cfg["batch"], "steps": cfg["warmup"] + repeats, "vlmlab_src": args.vlmlab_src}
             print(f"preparing the {RECIPE} model and {spec['steps']} batches of {cfg['batch']} ...", file=sys.stderr)
             prep = run_worker({**spec, "worker": "prepare_train"})
-            for dtype in args.dtypes:
+            for dtype in (d for d in args.dtypes if d != INT4):  # training has no int4 mode
                 for impl in impls_of(TRAIN_IMPLS):
                     config = {**spec, "worker": "train", "impl": impl, "dtype": dtype, "optimizer": prep["optimizer"],
                               "repeats": repeats, "warmup": cfg["warmup"]}

@@ -165,7 +165,9 @@ def test_smollm2_int4_keeps_every_layer_weight_exactly(smollm2_pair):
 @needs_smollm2
 def test_smollm2_int4_logits_and_answer_agree_with_float32(smollm2_pair):
     dense, int4 = smollm2_pair
-    prompt = "What is the capital of France?"
+    # (Not the bare "What is the capital of France?": its first token is a near tie that float32
+    # answers "The capital of France is Paris." and every bfloat16 path, dense or int4, "L'Étoile".)
+    prompt = "What is the capital of France? Answer in one word."
     ids = torch.tensor([dense.prompt_ids(prompt)])
     with torch.inference_mode():
         ref = dense.net(ids)[0].float()
@@ -183,3 +185,121 @@ def test_cli_int4_on_a_dense_folder_is_a_clear_error(tiny_hf_factory, capsys):
     assert main(["generate", "--model", str(folder), "--prompt", "hi", "--quantization", "int4"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("vlmlab: error:") and "int4" in err and "GGUF" in err
+
+
+# ---- a LoRA adapter beside 4-bit codes (Int4Linear's low-rank term) ----------------------------
+
+
+def test_low_rank_term_is_added_and_survives_fuse_and_split():
+    torch.manual_seed(0)
+    block = Block(bias=False)
+    use_int4_weights(block, {f"{n}.weight": quantize_rtn(getattr(block, n).weight.detach())
+                             for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    terms = {"q_proj": 4, "v_proj": 2}  # k_proj has none: its block of the fused term stays zero
+    for name, r in terms.items():
+        layer = getattr(block, name)
+        layer.add_low_rank(torch.randn(r, 64), torch.randn(layer.out_features, r))
+    x = torch.randn(3, 64)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        layer = getattr(block, name)
+        want = nn.functional.linear(x.bfloat16(), layer.dense_weight().bfloat16()).float()
+        assert ((layer(x) - want).norm() / want.norm()).item() < 0.02, name
+    separate = [block.q_proj(x), block.k_proj(x), block.v_proj(x)]
+    before = dense_state_dict(block, torch.float32)
+    assert pack_for_inference(block)
+    assert block.qkv.ranks == [4, 0, 2] and block.qkv.low_rank_B.shape == (128, 6)
+    assert "low rank [4, 0, 2]" in repr(block.qkv)
+    for a, b in zip(separate, block.qkv(x).split(block.qkv.sizes, dim=-1)):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)  # one bfloat16 product instead of three
+    unpack(block)
+    after = dense_state_dict(block, torch.float32)
+    for k in before:  # the merged weights (codes + B A) come back exactly
+        assert torch.equal(before[k], after[k]), k
+    assert block.k_proj.low_rank_A is None and block.q_proj.ranks == [4]
+
+
+def test_add_low_rank_refuses_wrong_shapes_and_a_second_term():
+    layer = Int4Linear(quantize_rtn(torch.randn(32, 64)))
+    with pytest.raises(ValueError, match=r"\(32, 64\)"):
+        layer.add_low_rank(torch.zeros(4, 32), torch.zeros(32, 4))
+    layer.add_low_rank(torch.zeros(4, 64), torch.zeros(32, 4))
+    with pytest.raises(ValueError, match="already"):
+        layer.add_low_rank(torch.zeros(4, 64), torch.zeros(32, 4))
+
+
+def test_a_peft_adapter_merges_into_4_bit_layers_as_a_low_rank_term(tmp_path):
+    from vlmlab.checkpoints.peft import load_adapter, save_adapter
+    from vlmlab.nn.lora import LoRAConfig, apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    dense = Block(bias=False)
+    weights = {f"{n}.weight": quantize_rtn(getattr(dense, n).weight.detach())
+               for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    with torch.no_grad():  # the dense twin holds exactly the 4-bit weights
+        for key, w in weights.items():
+            dense.get_parameter(key).copy_(w.dequantize())
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "o_proj"))
+    apply_lora(dense, cfg)
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    save_adapter(dense, tmp_path / "adapter", cfg)
+    merge_lora(dense)
+
+    quantized = Block(bias=False)
+    use_int4_weights(quantized, weights)
+    with pytest.raises(ConfigError, match="4-bit"):  # a trainable adapter needs dense layers
+        load_adapter(quantized, tmp_path / "adapter")
+    assert quantized.q_proj.low_rank_A is None
+    names = load_adapter(quantized, tmp_path / "adapter", merge=True)
+    assert sorted(names) == ["o_proj", "q_proj", "v_proj"] and quantized.k_proj.low_rank_A is None
+    got, want = dense_state_dict(quantized, torch.float32), dense.state_dict()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+
+
+def test_a_mis_shaped_adapter_leaves_4_bit_layers_untouched(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from vlmlab.checkpoints.peft import load_adapter
+    from vlmlab.nn.lora import LoRAConfig
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
+        LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")).to_peft()))
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(4, 64),
+               "base_model.model.q_proj.lora_B.weight": torch.zeros(64, 4),
+               "base_model.model.v_proj.lora_A.weight": torch.zeros(4, 64),
+               "base_model.model.v_proj.lora_B.weight": torch.zeros(64, 4)},  # v_proj has 32 outputs
+              str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    block = Block(bias=False)
+    use_int4_weights(block, {f"{n}.weight": quantize_rtn(getattr(block, n).weight.detach())
+                             for n in ("q_proj", "v_proj")})
+    with pytest.raises(CheckpointError) as e:
+        load_adapter(block, tmp_path / "adapter", merge=True)
+    assert "v_proj.lora_B.weight" in str(e.value) and "(32, 4)" in str(e.value)
+    assert block.q_proj.low_rank_A is None and block.v_proj.low_rank_A is None
+
+
+@pytest.mark.skipif(not __import__("vlmlab.nn.packed", fromlist=["x"]).onednn_packing_available(torch.bfloat16),
+                    reason="oneDNN bfloat16 not available")
+def test_packing_gives_4_bit_layers_a_dense_copy_for_many_rows():
+    from vlmlab.nn.quant import INT4_MAX_ROWS
+
+    torch.manual_seed(0)
+    block = Block(bias=False)
+    use_int4_weights(block, {f"{n}.weight": quantize_rtn(getattr(block, n).weight.detach())
+                             for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    block.o_proj.add_low_rank(torch.randn(4, 64), torch.randn(64, 4))
+    x = torch.randn(INT4_MAX_ROWS + 3, 64)
+    before = block.o_proj(x)  # the int4 kernel, row by row
+    pack_for_inference(block)
+    assert block.qkv.dense_packed is not None and block.o_proj.dense_packed is not None
+    after = block.o_proj(x)  # the dense bfloat16 copy (rows > INT4_MAX_ROWS), low-rank term included
+    torch.testing.assert_close(after, before, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(block.o_proj(x[:INT4_MAX_ROWS]), before[:INT4_MAX_ROWS], rtol=0, atol=0)
+    unpack(block)
+    assert block.o_proj.dense_packed is None and block.q_proj.dense_packed is None

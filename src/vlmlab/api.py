@@ -60,7 +60,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, int4: bool) -> LanguageModel:
     return LanguageModel(net, Tokenizer.from_gguf(g), name=path.name)
 
 
-def _load_hf(folder: Path, dtype: torch.dtype, keep_adapter: bool = False) -> LanguageModel:
+def _load_hf(folder: Path, dtype: torch.dtype, keep_adapter: bool = False, int4: bool = False) -> LanguageModel:
     config = read_config(folder)
     archs = config.get("architectures") or []
     archs = [archs] if isinstance(archs, str) else archs
@@ -70,7 +70,7 @@ def _load_hf(folder: Path, dtype: torch.dtype, keep_adapter: bool = False) -> La
     if dual is not None:
         return _load_dual(folder, config, dual, dtype)
     if any(a in llava.HF_ARCHITECTURES for a in archs):
-        return _load_llava(folder, config, dtype, keep_adapter)
+        return _load_llava(folder, config, dtype, keep_adapter, int4)
     if any(a in idefics3.HF_ARCHITECTURES for a in archs):
         return _load_idefics3(folder, config, dtype)
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
@@ -103,13 +103,15 @@ def _image_processor(folder: Path | None, kind: str, image_size: int) -> ImagePr
     return getattr(ImageProcessor, kind)(image_size)
 
 
-def _load_llava(folder: Path, config: dict, dtype: torch.dtype, keep_adapter: bool = False) -> VisionLanguageModel:
+def _load_llava(folder: Path, config: dict, dtype: torch.dtype, keep_adapter: bool = False,
+                int4: bool = False) -> VisionLanguageModel:
     """A LLaVA folder: network, tokenizer (with its chat template), image processor.
 
     A folder of parts (what vlmlab ships: `"vlmlab_language_model": NAME` in config.json) holds
     only the vision tower and projector; the language model comes from NAME (a built-in model,
     GGUF file or folder, which brings the tokenizer) plus the LoRA adapter in `adapter/`, merged
-    (`keep_adapter`: kept as LoRA layers).
+    (`keep_adapter`: kept as LoRA layers; `int4`: the GGUF's 4-bit layers kept in 4 bits, the
+    adapter beside them as a low-rank term).
     """
     cfg = _parse_config(folder, config, llava.LlavaConfig)
     tensors, origin = read_safetensors(folder)
@@ -123,7 +125,7 @@ def _load_llava(folder: Path, config: dict, dtype: torch.dtype, keep_adapter: bo
         net.load_hf_tensors(tensors, origin, dtype)
         return VisionLanguageModel(net, with_locations(Tokenizer.from_folder(folder), cfg.location_tokens), processor,
                                    name=folder.name)
-    lm = load(source, dtype=torch.float32)
+    lm = load(source, dtype=torch.float32, quantization="int4" if int4 else None)
     if type(lm) is not LanguageModel:
         raise ConfigError(f"{folder / 'config.json'}: {PARTS_FIELD} {source!r} is not a decoder language model")
     with lm.unpacked() as text_net:
@@ -272,7 +274,8 @@ def load(
     """Load a model by built-in name (`smollm2`), HF folder or .gguf file, fully offline.
 
     quantization="int4" keeps a GGUF's 4-bit (Q4_0/Q4_1) layer weights in 4 bits and multiplies
-    with an int4 kernel: about a quarter of the weight traffic of bfloat16 when decoding.
+    with an int4 kernel: about a quarter of the weight traffic of bfloat16 when decoding. It
+    applies to a .gguf file and to a parts folder whose language model is one (`scenes-smol`).
     keep_adapter=True keeps a parts folder's LoRA adapter as LoRA layers (to train it further, as
     `[model] keep_adapter` of a recipe does) instead of merging it into the language model.
     """
@@ -292,6 +295,10 @@ def load(
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{path}: a model file must be .gguf (or pass an HF folder)")
         return _load_gguf(path, torch_dtype, int4)
-    if int4:
-        raise ConfigError(f"{path}: quantization 'int4' reads 4-bit GGUF tensors; this is a dense HF folder")
-    return _load_hf(path, torch_dtype, keep_adapter)
+    if int4 and PARTS_FIELD not in read_config(path):
+        raise ConfigError(f"{path}: quantization 'int4' reads 4-bit GGUF tensors; this is a dense HF folder "
+                          "(a vlmlab parts folder whose language model is a GGUF file can be loaded in int4)")
+    if int4 and keep_adapter:
+        raise ConfigError(f"{path}: keep_adapter and quantization 'int4' exclude each other: a trainable adapter "
+                          "needs the dense language model")
+    return _load_hf(path, torch_dtype, keep_adapter, int4)

@@ -20,6 +20,7 @@ from torch import nn
 from vlmlab.checkpoints.hf import _read_file, read_json, write_json, write_safetensors
 from vlmlab.checkpoints.state import KeyMap, _listing, load_state, rename
 from vlmlab.errors import CheckpointError, ConfigError
+from vlmlab.nn.quant import Int4Linear
 from vlmlab.nn.lora import (LoRAConfig, LoRALinear, apply_lora, linear_layers, lora_state_dict, matches_target,
                             merge_lora)
 
@@ -65,18 +66,27 @@ def save_adapter(net: nn.Module, folder: str | os.PathLike, cfg: LoRAConfig, *,
 def load_adapter(net: nn.Module, folder: str | os.PathLike, *, key_map: KeyMap = (), merge: bool = False) -> list[str]:
     """Add the PEFT adapter in `folder` to `net` (in place) and return the adapted module names;
     `merge=True` folds it into the weights at once. The file's keys are checked before `net` is
-    touched; a shape mismatch is found while loading, and leaves `net` with fresh adapters."""
+    touched; a shape mismatch is found while loading, and leaves `net` with fresh adapters.
+
+    A 4-bit target (`Int4Linear`) cannot take the update into its codes without re-rounding
+    them: with `merge=True` it keeps the adapter beside them as a frozen low-rank term
+    (`Int4Linear.add_low_rank`); without, it is refused (a trainable adapter needs a dense layer)."""
     folder = Path(folder)
     config_path, weights = folder / CONFIG, folder / WEIGHTS
     try:
         cfg = LoRAConfig.from_peft(read_json(config_path, "PEFT adapter config", error=CheckpointError))
     except ConfigError as e:
         raise ConfigError(f"{config_path}: {e}") from None
-    hf = {name: rename(name, key_map) for name, _ in linear_layers(net)}
+    layers = {**dict(linear_layers(net)), **{n: m for n, m in net.named_modules() if isinstance(m, Int4Linear)}}
+    hf = {name: rename(name, key_map) for name in layers}
     chosen = [name for name, path in hf.items() if matches_target(cfg.target_modules, path)]
     if not chosen:
         raise ConfigError(f"{config_path}: target_modules {cfg.target_modules!r} match no linear layer of "
                           f"{type(net).__name__}")
+    quantized = [name for name in chosen if isinstance(layers[name], Int4Linear)]
+    if quantized and not merge:
+        raise ConfigError(f"{config_path}: '{quantized[0]}' has 4-bit weights; an adapter can only be merged into "
+                          "4-bit layers (load without keep_adapter, or without quantization to train it)")
     if not weights.is_file():
         pickled = " (only a pickled adapter_model.bin is there; vlmlab reads safetensors only)" \
             if (folder / "adapter_model.bin").is_file() else ""
@@ -89,10 +99,21 @@ def load_adapter(net: nn.Module, folder: str | os.PathLike, *, key_map: KeyMap =
                               f"{type(net).__name__} selected by target_modules {cfg.target_modules!r} has that name")
     if missing:
         raise CheckpointError(f"{weights}: missing tensor(s) {_listing(missing)}")
-    names = apply_lora(net, dataclasses.replace(cfg, target_modules="|".join(re.escape(n) for n in chosen)))
-    adapter_keys = set(ours.values())
-    load_state(net, {ours[k]: t for k, t in tensors.items()}, origin=str(weights),
+    for name in quantized:  # shapes first, so a bad file leaves every layer as it was
+        layer, a, b = layers[name], *(f"{PREFIX}{hf[name]}.lora_{ab}.weight" for ab in "AB")
+        for key, shape in ((a, (cfg.r, layer.in_features)), (b, (layer.out_features, cfg.r))):
+            if tuple(tensors[key].shape) != shape:
+                raise CheckpointError(f"{weights}: tensor '{key}' has shape {tuple(tensors[key].shape)}, "
+                                      f"expected {shape}")
+    dense = [name for name in chosen if name not in quantized]
+    names = apply_lora(net, dataclasses.replace(cfg, target_modules="|".join(re.escape(n) for n in dense))) \
+        if dense else []
+    adapter_keys = {ours[k] for k in ours if ours[k].rsplit(".", 2)[0] in names}
+    load_state(net, {ours[k]: t for k, t in tensors.items() if ours[k] in adapter_keys}, origin=str(weights),
                optional=[k for k in net.state_dict() if k not in adapter_keys])
+    for name in quantized:
+        a, b = (tensors[f"{PREFIX}{hf[name]}.lora_{ab}.weight"].float() for ab in "AB")
+        layers[name].add_low_rank(a, b * cfg.scaling)
     if merge:
         merge_lora(net)
-    return names
+    return names + quantized

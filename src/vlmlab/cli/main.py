@@ -49,7 +49,7 @@ def _vlm(args: argparse.Namespace):
     import vlmlab
     from vlmlab.infer.vlm import VisionLanguageModel
 
-    model = vlmlab.load(args.model, dtype=args.dtype)
+    model = vlmlab.load(args.model, dtype=args.dtype, quantization=args.quantization)
     if not isinstance(model, VisionLanguageModel):
         raise InputError(f"{args.model} is not a vision-language model (use `vlmlab generate` for text-only models)")
     return model
@@ -415,6 +415,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 DTYPE_HELP = ("float32 (default) matches the reference; bfloat16 is about twice as fast on CPUs with AVX-512 BF16 "
               "or AMX and far slower on CPUs without; auto: bfloat16 where native, else float32")
+QUANT_HELP = ("int4: keep the language model's 4-bit GGUF weights in 4 bits (fastest decoding on CPUs with AVX-512; "
+              "a GGUF file, or a parts folder such as scenes-smol whose language model is one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,8 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="wrap the prompt in the chat template")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32", help=DTYPE_HELP)
-    gen.add_argument("--quantization", choices=["none", "int4"], default="none",
-                     help="int4: keep a GGUF's 4-bit weights in 4 bits (fastest decoding)")
+    gen.add_argument("--quantization", choices=["none", "int4"], default="none", help=QUANT_HELP)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=_generate)
 
@@ -479,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32", help=DTYPE_HELP)
+        p.add_argument("--quantization", choices=["none", "int4"], default="none", help=QUANT_HELP)
         p.add_argument("--json", action="store_true",
                        help="print {text, token_ids, boxes, points} (boxes and points in the image's pixels)")
 

@@ -7,11 +7,15 @@ better, and fusing the projections that read the same input (q/k/v, gate/up) hal
 
 `pack_for_inference(net)` does both in place, `unpack(net)` restores ordinary `nn.Linear`
 modules with the same weights (to save, convert or train). 4-bit layers (`nn/quant.py`) are
-fused the same way and stay 4-bit. Packing changes no numbers: oneDNN
-computes the same products, and only bfloat16 is packed. Float32 keeps the reference's kernels:
-packed float32 linears stream faster alone (SmolLM2's, 2 threads: 27 ms against 39 ms) but
-`benchmarks/vlm.py`'s ask showed no gain end to end (docs/benchmarks.md, 2026-12-06) while the
-tied output layer's packed copy and the summation order would cost memory and exact parity.
+fused the same way and stay 4-bit; where oneDNN runs bfloat16 they also get a packed bfloat16
+copy of their dequantized weight for calls of many rows (a prefill), which the int4 kernel runs
+several times slower than a dense product: decoding streams 4 bits a weight, a prefill computes
+in bfloat16 (the memory of a bfloat16 copy is the price). Apart from that, packing changes no
+numbers: oneDNN computes the same products, and only bfloat16 is packed. Float32 keeps the
+reference's kernels: packed float32 linears stream faster alone (SmolLM2's, 2 threads: 27 ms
+against 39 ms) but `benchmarks/vlm.py`'s ask showed no gain end to end (docs/benchmarks.md,
+2026-12-06) while the tied output layer's packed copy and the summation order would cost memory
+and exact parity.
 """
 
 from __future__ import annotations
@@ -93,9 +97,10 @@ def pack_for_inference(net: nn.Module) -> bool:
     """Fuse sibling projections and pack linears for fast inference, in place; True if anything changed.
 
     Dense linears are packed for oneDNN when the network's dtype supports it; 4-bit linears
-    (`Int4Linear`) are fused in any dtype (they carry their own kernel). Layers with an unmerged
-    LoRA adapter (`nn/lora.py`) are left as they are, and so are their fusion siblings: merge
-    first (`merge_lora`) for full speed.
+    (`Int4Linear`) are fused in any dtype (they carry their own kernel) and, where oneDNN runs
+    bfloat16, get a packed dense copy for calls of many rows (`Int4Linear.dense_packed`). Layers
+    with an unmerged LoRA adapter (`nn/lora.py`) are left as they are, and so are their fusion
+    siblings: merge first (`merge_lora`) for full speed.
     """
     dtypes = {p.dtype for p in net.parameters()}
     dense_ok = len(dtypes) == 1 and onednn_packing_available(dtypes.pop())
@@ -117,6 +122,12 @@ def pack_for_inference(net: nn.Module) -> bool:
             for name, child in list(module._modules.items()):
                 if dense_ok and type(child) is nn.Linear:
                     module._modules[name] = PackedLinear([child])
+                    changed = True
+        if onednn_packing_available(torch.bfloat16):
+            for module in net.modules():
+                if isinstance(module, Int4Linear) and module.dense_packed is None:
+                    dense = module.weight_int4.dequantize(torch.bfloat16)
+                    module.dense_packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
                     changed = True
     if changed:
         release_freed_memory()
@@ -143,6 +154,8 @@ def unpack(net: nn.Module) -> None:
                 elif isinstance(child, Int4Linear) and name in FUSED_GROUPS:
                     layers = child.split()
                 else:
+                    if isinstance(child, Int4Linear):
+                        child.dense_packed = None
                     continue
                 del module._modules[name]
                 for n, lin in zip(names, layers):

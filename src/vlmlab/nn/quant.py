@@ -11,6 +11,13 @@ Q4_0 is ``d * (q - 8)`` (scale d, zero 0) and Q4_1 is ``d * q + m`` (scale d, ze
 The kernel takes scale and zero in the activation dtype, bfloat16 on this path, so they are
 rounded to bfloat16: the same relative rounding a dense bfloat16 copy of the weights has.
 Activations in other dtypes are cast to bfloat16 for the product and back.
+
+A LoRA adapter cannot be merged into 4-bit codes without re-rounding them, so an `Int4Linear`
+can carry it beside the codes instead: a frozen low-rank term ``x A^T B^T`` (the adapter's
+scaling folded into B), added after the kernel's product (`add_low_rank`; what
+`checkpoints.peft.load_adapter(merge=True)` does for a 4-bit layer). It is kept and computed in
+float32 whatever the activations: products this small run several times faster in float32 than
+in bfloat16 on CPUs (one row through a rank-48 pair: 10 us against 56 us, AMX Xeon, 2026-12-08).
 """
 
 from __future__ import annotations
@@ -19,11 +26,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmlab.errors import CheckpointError
 
 GROUP_SIZE = 32  # weights per scale/zero group in GGUF's Q4_0 and Q4_1
+# The int4 kernel is a matrix-vector design: faster than a packed dense bfloat16 product up to about
+# 4 rows, 2x slower at 8 and 6x at a 259-token prefill (SmolLM2's 3072 x 576 on an AMX Xeon,
+# 2026-12-08). A packed layer (`nn.packed.pack_for_inference`) therefore gets a dense copy too, for
+# calls with more rows than this.
+INT4_MAX_ROWS = 4
 
 
 @dataclass
@@ -85,7 +98,11 @@ class Int4Linear(nn.Module):
     """A frozen linear layer (or several fused along the output) with 4-bit weights.
 
     `forward` returns the concatenated outputs; `sizes` says how to split them. The bias, if
-    any, stays a dense parameter (loaded like any other tensor).
+    any, stays a dense parameter (loaded like any other tensor). An optional low-rank term
+    (`low_rank_A` (R, in), `low_rank_B` (out, R), frozen float32 tensors, not parameters or
+    buffers, so that a dtype cast of the network leaves them in float32) is added to the product;
+    fused layers stack their members' terms (`ranks` says whose columns of B are whose, B being
+    block-diagonal).
     """
 
     def __init__(
@@ -105,6 +122,31 @@ class Int4Linear(nn.Module):
         self.weight_int4 = weight
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._kernel_args: tuple[torch.Tensor, int, torch.Tensor] | None = None  # built on first use
+        self.ranks = [0] * len(self.sizes)
+        self.low_rank_A: torch.Tensor | None = None
+        self.low_rank_B: torch.Tensor | None = None
+        # The dequantized weight in bfloat16, packed for oneDNN, for calls of more than
+        # INT4_MAX_ROWS rows (prefill, batches); set by packing, dropped by unpacking.
+        self.dense_packed: torch.Tensor | None = None
+
+    def add_low_rank(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add ``x a^T b^T`` to the output from now on: a (r, in), b (out, r), e.g. a LoRA
+        adapter's A and scaling * B. Only on an unfused layer without one."""
+        if len(self.sizes) > 1 or self.low_rank_A is not None:
+            raise ValueError("add_low_rank: the layer is fused or has a low-rank term already")
+        r = a.shape[0]
+        if a.shape != (r, self.in_features) or b.shape != (self.out_features, r):
+            raise ValueError(f"add_low_rank: shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit a "
+                             f"({self.out_features}, {self.in_features}) layer")
+        self.low_rank_A, self.low_rank_B = a.detach().float().clone(), b.detach().float().clone()
+        self.ranks = [r]
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight this layer multiplies by, low-rank term included (summed in float32)."""
+        w = self.weight_int4.dequantize()
+        if self.low_rank_A is not None:
+            w = w + self.low_rank_B @ self.low_rank_A
+        return w.to(dtype)
 
     def kernel_args(self) -> tuple[torch.Tensor, int, torch.Tensor]:
         """The weight in the kernel's layout: packed codes, group size, and (in // group, out, 2)
@@ -118,7 +160,13 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(flat, *self.kernel_args())
+        if self.dense_packed is not None and flat.shape[0] > INT4_MAX_ROWS:
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.dense_packed, None, "none", [], "")
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(flat, *self.kernel_args())
+        if self.low_rank_A is not None:
+            low = F.linear(F.linear(x.reshape(-1, self.in_features).float(), self.low_rank_A), self.low_rank_B)
+            y = y + low  # in float32
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -131,25 +179,42 @@ class Int4Linear(nn.Module):
             ref = next(b for b in biases if b is not None)
             bias = torch.cat([b.detach() if b is not None else ref.new_zeros(lay.out_features)
                               for b, lay in zip(biases, layers)])
-        return cls(
+        fused = cls(
             Int4Weight.cat([lay.weight_int4 for lay in layers]),
             bias,
             [s for lay in layers for s in lay.sizes],
             [h for lay in layers for h in lay.has_bias],
         )
+        terms = [lay for lay in layers if lay.low_rank_A is not None]
+        if terms:  # A stacked, B block-diagonal: one product for all members' terms
+            ref = terms[0].low_rank_A
+            fused.ranks = [r for lay in layers for r in lay.ranks]
+            fused.low_rank_A = torch.cat([lay.low_rank_A for lay in terms])
+            fused.low_rank_B = ref.new_zeros(fused.out_features, sum(fused.ranks))
+            row = col = 0
+            for lay in layers:
+                if lay.low_rank_A is not None:
+                    fused.low_rank_B[row:row + lay.out_features, col:col + lay.ranks[0]] = lay.low_rank_B
+                row, col = row + lay.out_features, col + lay.ranks[0]
+        return fused
 
     def split(self) -> list["Int4Linear"]:
         """Undo `fuse`: one layer per original projection."""
-        layers, start = [], 0
-        for size, has_bias in zip(self.sizes, self.has_bias):
+        layers, start, col = [], 0, 0
+        for size, has_bias, rank in zip(self.sizes, self.has_bias, self.ranks):
             rows = torch.arange(start, start + size)
             bias = self.bias.detach()[start:start + size].clone() if has_bias else None
-            layers.append(Int4Linear(self.weight_int4.rows(rows), bias))
-            start += size
+            layer = Int4Linear(self.weight_int4.rows(rows), bias)
+            if rank:
+                layer.add_low_rank(self.low_rank_A[col:col + rank], self.low_rank_B[start:start + size, col:col + rank])
+            layers.append(layer)
+            start, col = start + size, col + rank
         return layers
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.sizes}, int4 group={self.weight_int4.group_size}"
+        low_rank = f", low rank {self.ranks}" if any(self.ranks) else ""
+        return (f"in_features={self.in_features}, out_features={self.sizes}, "
+                f"int4 group={self.weight_int4.group_size}{low_rank}")
 
 
 def use_int4_weights(net: nn.Module, weights: dict[str, Int4Weight]) -> None:
@@ -177,11 +242,12 @@ def use_int4_weights(net: nn.Module, weights: dict[str, Int4Weight]) -> None:
 
 
 def dense_state_dict(net: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """`net.state_dict()` plus the dequantized ``<layer>.weight`` of every 4-bit layer (to save)."""
+    """`net.state_dict()` plus the dequantized ``<layer>.weight`` of every 4-bit layer (to save;
+    a low-rank term is merged into it)."""
     sd = net.state_dict()
     for name, module in net.named_modules():
         if isinstance(module, Int4Linear):
             if len(module.sizes) > 1:
                 raise ValueError(f"{name} is fused; unpack the network before saving")
-            sd[f"{name}.weight"] = module.weight_int4.dequantize(dtype)
+            sd[f"{name}.weight"] = module.dense_weight(dtype)
     return sd
