@@ -735,14 +735,15 @@ def test_recipe_trains_image_positions_by_their_param_group(tmp_path):
 
 
 def test_the_scenes_smol_recipe_is_well_formed():
-    """Every stage of the shipped model's recipe (v5's eight, v6's five, v7's three, v8's four; the
-    first of v6's adds grid positions, M-RoPE and location tokens) has a valid training config, and
-    every scene source it mixes gives samples (the replay parts need a run folder and the language
-    model: not generated here, only their fields checked)."""
+    """Every stage of the shipped model's recipe (v5's eight, v6's five, v7's three, v8's four, v9's
+    two; the first of v6's adds grid positions, M-RoPE and location tokens) has a valid training
+    config, and every scene source it mixes gives samples (the replay parts need a run folder and the
+    language model: not generated here, only their fields checked)."""
     recipe = load_recipe("scenes-smol")
     assert [s["name"] for s in recipe["stages"]] == ["align", "easy", "mid", "full", "chat", "count", "locate",
                                                      "polish", "lone", "few", "where", "mix", "mend",
-                                                     "solo", "crowd", "blend", "focus", "focus2", "settle", "recap"]
+                                                     "solo", "crowd", "blend", "focus", "focus2", "settle", "recap",
+                                                     "drill", "recap2"]
     assert [s["name"] for s in recipe["stages"] if "add" in s] == ["lone"]
     for stage in recipe["stages"]:
         train_vlm._stage_config(stage)
