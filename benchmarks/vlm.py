@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
                     "scenes-clip + smollm2 model, random projector)")
     ap.add_argument("--question-tokens", type=int, help="ask: tokens of the question (default 32; --quick: 8)")
     ap.add_argument("--new-tokens", type=int, help="ask: new tokens per sequence (default 32; --quick: 8)")
-    args = parse_run_args(ap, argv, WORKERS, PARTS, "ask 5, train 10; --quick: ask 2, train 3", extra_dtypes=(INT4,))
+    args = parse_run_args(ap, argv, WORKERS, PARTS, "ask 5, train 10; --quick: ask 2, train 3",
+                          extra_dtypes=(INT4,))
     if args is None:
         return
 
@@ -419,9 +420,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"question ({question_tokens} tokens): {prep['question']!r}; prompt {prep['prompt_tokens']} tokens",
                   file=sys.stderr)
             common = {"worker": "ask", "folder": prep["folder"], "parts": prep["parts"], "inputs": inputs,
-                      "question": prep["question"],
-                      "prompt_tokens": prep["prompt_tokens"], "pad_id": prep["pad_id"], "new_tokens": new_tokens,
-                      "repeats": args.repeats or cfg["repeats"], "warmup": cfg["warmup"], "vlmlab_src": args.vlmlab_src}
+                      "question": prep["question"], "prompt_tokens": prep["prompt_tokens"], "pad_id": prep["pad_id"],
+                      "new_tokens": new_tokens, "repeats": args.repeats or cfg["repeats"], "warmup": cfg["warmup"],
+                      "vlmlab_src": args.vlmlab_src}
             if INT4 in args.dtypes and prep["parts"] is None:
                 print("int4 rows skipped: the model is not a parts folder over a GGUF language model", file=sys.stderr)
             for dtype in args.dtypes:

