@@ -99,20 +99,22 @@ def load_adapter(net: nn.Module, folder: str | os.PathLike, *, key_map: KeyMap =
                               f"{type(net).__name__} selected by target_modules {cfg.target_modules!r} has that name")
     if missing:
         raise CheckpointError(f"{weights}: missing tensor(s) {_listing(missing)}")
+    theirs = {ours_key: key for key, ours_key in ours.items()}
     for name in quantized:  # shapes first, so a bad file leaves every layer as it was
-        layer, a, b = layers[name], *(f"{PREFIX}{hf[name]}.lora_{ab}.weight" for ab in "AB")
-        for key, shape in ((a, (cfg.r, layer.in_features)), (b, (layer.out_features, cfg.r))):
+        layer = layers[name]
+        for key, shape in ((theirs[f"{name}.lora_A.weight"], (cfg.r, layer.in_features)),
+                           (theirs[f"{name}.lora_B.weight"], (layer.out_features, cfg.r))):
             if tuple(tensors[key].shape) != shape:
                 raise CheckpointError(f"{weights}: tensor '{key}' has shape {tuple(tensors[key].shape)}, "
                                       f"expected {shape}")
     dense = [name for name in chosen if name not in quantized]
     names = apply_lora(net, dataclasses.replace(cfg, target_modules="|".join(re.escape(n) for n in dense))) \
         if dense else []
-    adapter_keys = {ours[k] for k in ours if ours[k].rsplit(".", 2)[0] in names}
+    adapter_keys = {f"{n}.{leaf}" for n in names for leaf in ("lora_A.weight", "lora_B.weight")}
     load_state(net, {ours[k]: t for k, t in tensors.items() if ours[k] in adapter_keys}, origin=str(weights),
                optional=[k for k in net.state_dict() if k not in adapter_keys])
     for name in quantized:
-        a, b = (tensors[f"{PREFIX}{hf[name]}.lora_{ab}.weight"].float() for ab in "AB")
+        a, b = (tensors[theirs[f"{name}.lora_{ab}.weight"]].float() for ab in "AB")
         layers[name].add_low_rank(a, b * cfg.scaling)
     if merge:
         merge_lora(net)

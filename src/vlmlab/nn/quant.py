@@ -159,14 +159,14 @@ class Int4Linear(nn.Module):
         return self._kernel_args
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = x.reshape(-1, self.in_features)
+        flat = rows.to(torch.bfloat16)
         if self.dense_packed is not None and flat.shape[0] > INT4_MAX_ROWS:
             y = torch.ops.mkldnn._linear_pointwise(flat, self.dense_packed, None, "none", [], "")
         else:
             y = torch._weight_int4pack_mm_for_cpu(flat, *self.kernel_args())
         if self.low_rank_A is not None:
-            low = F.linear(F.linear(x.reshape(-1, self.in_features).float(), self.low_rank_A), self.low_rank_B)
-            y = y + low  # in float32
+            y = y + F.linear(F.linear(rows.float(), self.low_rank_A), self.low_rank_B)  # in float32
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -187,10 +187,9 @@ class Int4Linear(nn.Module):
         )
         terms = [lay for lay in layers if lay.low_rank_A is not None]
         if terms:  # A stacked, B block-diagonal: one product for all members' terms
-            ref = terms[0].low_rank_A
             fused.ranks = [r for lay in layers for r in lay.ranks]
             fused.low_rank_A = torch.cat([lay.low_rank_A for lay in terms])
-            fused.low_rank_B = ref.new_zeros(fused.out_features, sum(fused.ranks))
+            fused.low_rank_B = torch.zeros(fused.out_features, sum(fused.ranks))
             row = col = 0
             for lay in layers:
                 if lay.low_rank_A is not None:
